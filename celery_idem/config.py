@@ -1,0 +1,259 @@
+"""Settings: names, defaults, validation, and how a task's values are resolved.
+
+Every option has one name, valid both as an app setting (``app.conf``, the default for
+every task of the app) and as a task attribute (``@app.task(idempotency_lock_ttl=10)``,
+which wins). :func:`resolve` is the one place that applies that order and checks the
+values; it runs when a task class is bound to its app and again when the worker
+starts, so a bad value stops the worker with an error naming the option.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from celery.utils.imports import symbol_by_name
+
+from .errors import ImproperlyConfigured
+from .keys import KeyStrategy, strategy_for
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+__all__ = [
+    "DEFAULTS",
+    "CONFLICT_POLICIES",
+    "BACKEND_ERROR_POLICIES",
+    "IdempotencyConfig",
+    "resolve",
+    "check_app_settings",
+    "default_redis_url",
+]
+
+#: Every option with its default. ``idempotency_redis_url``'s default is derived
+#: from the app's other settings, see :func:`default_redis_url`.
+DEFAULTS: Mapping[str, Any] = MappingProxyType(
+    {
+        "idempotency_redis_url": None,
+        "idempotency_redis_options": {},
+        "idempotency_key_prefix": "idem",
+        "idempotency_key": "task_id",
+        "idempotency_result_ttl": 86400,
+        "idempotency_lock_ttl": 30,
+        "idempotency_on_conflict": "retry",
+        "idempotency_wait_timeout": 60,
+        "idempotency_on_backend_error": "retry",
+        "idempotency_cache_errors": (),
+        "idempotency_max_result_bytes": 1048576,
+    }
+)
+
+CONFLICT_POLICIES = ("retry", "wait", "raise", "drop")
+BACKEND_ERROR_POLICIES = ("retry", "run", "raise")
+
+_REDIS_SCHEMES = ("redis", "rediss", "unix")
+_FALLBACK_URL = "redis://localhost:6379/0"
+
+
+@dataclass(frozen=True)
+class IdempotencyConfig:
+    """The resolved, validated options of one task."""
+
+    redis_url: str
+    redis_options: Mapping[str, Any]
+    key_prefix: str
+    key: KeyStrategy
+    result_ttl: float
+    lock_ttl: float
+    on_conflict: str
+    wait_timeout: float
+    on_backend_error: str
+    cache_errors: tuple[type[BaseException], ...]
+    max_result_bytes: int
+
+    @property
+    def lease_ms(self) -> int:
+        """Lease length in milliseconds."""
+        return int(self.lock_ttl * 1000)
+
+    @property
+    def result_ttl_ms(self) -> int:
+        """How long a finished record is kept, in milliseconds."""
+        return int(self.result_ttl * 1000)
+
+
+def resolve(app: Celery, task_cls: type) -> IdempotencyConfig:
+    """Return the options of ``task_cls``: task attribute, else app setting, else default.
+
+    Raises :class:`~celery_idem.errors.ImproperlyConfigured` naming the first bad
+    option, including misspelled option names on the task or in ``app.conf``.
+    """
+    check_app_settings(app)
+    _check_names(_class_attributes(task_cls), f"task {getattr(task_cls, 'name', task_cls)}")
+    conf = app.conf
+    raw: dict[str, Any] = {}
+    for name, default in DEFAULTS.items():
+        value = _task_attribute(task_cls, name)
+        if value is None:
+            value = conf.get(name)
+        raw[name] = default if value is None else value
+
+    url = raw["idempotency_redis_url"] or default_redis_url(app)
+    return IdempotencyConfig(
+        redis_url=_redis_url(url),
+        redis_options=_redis_options(raw["idempotency_redis_options"]),
+        key_prefix=_key_prefix(raw["idempotency_key_prefix"]),
+        key=strategy_for(raw["idempotency_key"], _run_signature(task_cls), "idempotency_key"),
+        result_ttl=_seconds(raw["idempotency_result_ttl"], "idempotency_result_ttl", minimum=0.001),
+        lock_ttl=_seconds(raw["idempotency_lock_ttl"], "idempotency_lock_ttl", minimum=0.1),
+        on_conflict=_choice(raw["idempotency_on_conflict"], "idempotency_on_conflict", CONFLICT_POLICIES),
+        wait_timeout=_seconds(raw["idempotency_wait_timeout"], "idempotency_wait_timeout", minimum=0.0),
+        on_backend_error=_choice(
+            raw["idempotency_on_backend_error"], "idempotency_on_backend_error", BACKEND_ERROR_POLICIES
+        ),
+        cache_errors=_exception_classes(raw["idempotency_cache_errors"]),
+        max_result_bytes=_positive_int(raw["idempotency_max_result_bytes"], "idempotency_max_result_bytes"),
+    )
+
+
+def check_app_settings(app: Celery) -> None:
+    """Reject ``idempotency_*`` settings in ``app.conf`` that are not options."""
+    conf = app.conf
+    prefix = (getattr(conf, "prefix", None) or "").lower()
+    names = []
+    for key in conf.keys():
+        name = str(key).lower()
+        if prefix and name.startswith(prefix):
+            name = name[len(prefix):]
+        names.append(name)
+    _check_names(names, "app.conf")
+
+
+def default_redis_url(app: Celery) -> str:
+    """``result_backend`` if it is a Redis URL, else ``broker_url`` if it is, else localhost."""
+    conf = app.conf
+    for candidate in (conf.get("result_backend"), conf.get("broker_url")):
+        if isinstance(candidate, (list, tuple)):
+            candidate = candidate[0] if candidate else None
+        if not isinstance(candidate, str):
+            continue
+        candidate = candidate.split(";")[0].strip()
+        if candidate.startswith("redis+socket://"):
+            candidate = "unix://" + candidate[len("redis+socket://"):]
+        if urlsplit(candidate).scheme in _REDIS_SCHEMES:
+            return candidate
+    return _FALLBACK_URL
+
+
+def _check_names(names: Iterable[str], where: str) -> None:
+    for name in names:
+        if name.startswith("idempotency_") and name not in DEFAULTS:
+            close = difflib.get_close_matches(name, list(DEFAULTS), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ImproperlyConfigured(
+                f"{where} sets {name!r}, which is not a celery_idem option{hint} "
+                f"(options: {', '.join(DEFAULTS)})"
+            )
+
+
+def _class_attributes(cls: type) -> set[str]:
+    return {name for klass in cls.__mro__ for name in vars(klass)}
+
+
+def _task_attribute(cls: type, name: str) -> Any:
+    # Read the attribute without binding it: a key function given as a task option
+    # is stored on the class and would otherwise come back as a bound method.
+    value = inspect.getattr_static(cls, name, None)
+    if isinstance(value, (staticmethod, classmethod)):
+        value = value.__func__
+    return value
+
+
+def _run_signature(cls: type) -> inspect.Signature:
+    run = inspect.getattr_static(cls, "run")
+    if isinstance(run, staticmethod):
+        return inspect.signature(run.__func__)
+    signature = inspect.signature(run)
+    return signature.replace(parameters=list(signature.parameters.values())[1:])
+
+
+def _redis_url(value: Any) -> str:
+    if not isinstance(value, str) or urlsplit(value).scheme not in _REDIS_SCHEMES:
+        raise ImproperlyConfigured(
+            f"idempotency_redis_url must be a redis://, rediss:// or unix:// URL; got {value!r}"
+        )
+    return value
+
+
+def _redis_options(value: Any) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ImproperlyConfigured(
+            f"idempotency_redis_options must be a dict of redis-py client arguments; got {value!r}"
+        )
+    if value.get("decode_responses"):
+        raise ImproperlyConfigured(
+            "idempotency_redis_options must not set decode_responses: records hold "
+            "encoded results as bytes"
+        )
+    return MappingProxyType(dict(value))
+
+
+def _key_prefix(value: Any) -> str:
+    if not isinstance(value, str) or not value or "{" in value or "}" in value:
+        raise ImproperlyConfigured(
+            f"idempotency_key_prefix must be a non-empty str without braces "
+            f"(braces would change the Redis Cluster hash tag); got {value!r}"
+        )
+    return value
+
+
+def _seconds(value: Any, option: str, minimum: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ImproperlyConfigured(f"{option} must be a number of seconds; got {value!r}")
+    if value < minimum:
+        raise ImproperlyConfigured(f"{option} must be at least {minimum} seconds; got {value!r}")
+    return float(value)
+
+
+def _positive_int(value: Any, option: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ImproperlyConfigured(f"{option} must be a positive int; got {value!r}")
+    return value
+
+
+def _choice(value: Any, option: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        close = difflib.get_close_matches(str(value), choices, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ImproperlyConfigured(
+            f"{option} must be one of {', '.join(choices)}; got {value!r}{hint}"
+        )
+    return str(value)
+
+
+def _exception_classes(value: Any) -> tuple[type[BaseException], ...]:
+    items = value if isinstance(value, (list, tuple, set, frozenset)) else (value,)
+    classes = []
+    for item in items:
+        cls = item
+        if isinstance(item, str):
+            try:
+                cls = symbol_by_name(item)
+            except (ImportError, AttributeError, ValueError) as exc:
+                raise ImproperlyConfigured(
+                    f"idempotency_cache_errors names {item!r}, which cannot be imported: {exc}"
+                ) from exc
+        if not (isinstance(cls, type) and issubclass(cls, BaseException)):
+            raise ImproperlyConfigured(
+                f"idempotency_cache_errors must list exception classes (or their dotted "
+                f"names); got {item!r}"
+            )
+        classes.append(cls)
+    return tuple(classes)
+

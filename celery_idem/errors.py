@@ -1,0 +1,166 @@
+"""Every exception celery_idem raises, under one base class.
+
+Each exception keeps the values it was built from in ``args`` so that Celery can
+store it in a result backend and rebuild it on the client side, and its message
+says what happened and, where the caller can act on it, what to do.
+"""
+
+from __future__ import annotations
+
+from celery.exceptions import ImproperlyConfigured as _CeleryImproperlyConfigured
+
+__all__ = [
+    "IdempotencyError",
+    "ImproperlyConfigured",
+    "IdempotencyKeyError",
+    "DuplicateTaskInProgress",
+    "LeaseLost",
+    "BackendUnavailable",
+    "ResultNotSerializable",
+    "ResultTooLarge",
+    "RecordNotReadable",
+]
+
+
+class IdempotencyError(Exception):
+    """Base class of every celery_idem exception."""
+
+
+class ImproperlyConfigured(IdempotencyError, _CeleryImproperlyConfigured):
+    """A setting or task option has an invalid value; the message names it.
+
+    Raised when a task class is bound to its app and when the worker starts, so a
+    typo stops the worker instead of silently running tasks unprotected.
+    """
+
+
+class IdempotencyKeyError(IdempotencyError):
+    """The idempotency key of a call cannot be computed.
+
+    The task is not run (and, when raised by ``apply_async``, not sent): running it
+    without a key would run it unprotected. The message names the argument or the
+    key function at fault.
+    """
+
+
+class DuplicateTaskInProgress(IdempotencyError):
+    """Another live worker holds the key of this call.
+
+    Raised by the ``raise`` conflict policy, and by ``wait`` when the holder has not
+    finished within ``idempotency_wait_timeout``.
+    """
+
+    def __init__(self, key: str, holder: str, lease_left: float) -> None:
+        super().__init__(key, holder, lease_left)
+        #: The Redis key of the record.
+        self.key = key
+        #: Task id of the run that holds the lease.
+        self.holder = holder
+        #: Seconds until the holder's lease runs out unless it is renewed.
+        self.lease_left = lease_left
+
+    def __str__(self) -> str:
+        return (
+            f"{self.key} is held by task {self.holder} "
+            f"(lease ends in {self.lease_left:.1f}s unless renewed)"
+        )
+
+
+class LeaseLost(IdempotencyError):
+    """This run no longer holds its lease, so its result was not recorded.
+
+    Another run took the key over (this one was paused or cut off from Redis for
+    longer than ``idempotency_lock_ttl``); the other run's result stands. Side
+    effects this run made can be refused by comparing fencing tokens: this run's
+    token is lower than the one now holding or having finished the key.
+    """
+
+    def __init__(self, key: str, token: int, state: str) -> None:
+        super().__init__(key, token, state)
+        #: The Redis key of the record.
+        self.key = key
+        #: The fencing token this run held.
+        self.token = token
+        #: What the record says now (``running``, ``done``, ``failed``, ``free``, ``missing``).
+        self.state = state
+
+    def __str__(self) -> str:
+        return (
+            f"lost the lease on {self.key} (fencing token {self.token}); "
+            f"the record is now {self.state}, so this run's result was not recorded"
+        )
+
+
+class BackendUnavailable(IdempotencyError):
+    """The Redis server that keeps the records could not be reached.
+
+    With ``idempotency_on_backend_error="raise"`` the task fails with it; with
+    ``"retry"`` it is the reason given for re-queuing the task.
+    """
+
+    def __init__(self, url: str, reason: str) -> None:
+        super().__init__(url, reason)
+        #: The Redis URL, without password.
+        self.url = url
+        #: What the client reported.
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"idempotency records at {self.url} are unreachable: {self.reason}"
+
+
+class ResultNotSerializable(IdempotencyError):
+    """The task's return value cannot be encoded with the task's serializer.
+
+    The body has already run, so the failure is recorded in place of the result:
+    duplicates get this error instead of running the body again.
+    """
+
+    def __init__(self, task: str, serializer: str, reason: str) -> None:
+        super().__init__(task, serializer, reason)
+        self.task = task
+        self.serializer = serializer
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return (
+            f"the result of {self.task} cannot be encoded with the {self.serializer!r} "
+            f"serializer ({self.reason}); return a value that serializer supports"
+        )
+
+
+class ResultTooLarge(IdempotencyError):
+    """The encoded result is larger than ``idempotency_max_result_bytes``.
+
+    Recorded in place of the result, like :class:`ResultNotSerializable`.
+    """
+
+    def __init__(self, task: str, size: int, limit: int) -> None:
+        super().__init__(task, size, limit)
+        self.task = task
+        self.size = size
+        self.limit = limit
+
+    def __str__(self) -> str:
+        return (
+            f"the result of {self.task} encodes to {self.size} bytes, over "
+            f"idempotency_max_result_bytes={self.limit}; return less (a reference to "
+            f"the data, say) or raise the limit"
+        )
+
+
+class RecordNotReadable(IdempotencyError):
+    """A finished record cannot be decoded by this worker.
+
+    Its content type is not in the app's ``accept_content`` (it was written by a
+    worker with another serializer), or its data is corrupt. The task is not run:
+    the record says it already ran.
+    """
+
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(key, reason)
+        self.key = key
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"the record {self.key} cannot be read: {self.reason}"

@@ -1,0 +1,258 @@
+"""Idempotency keys: which calls count as the same call.
+
+A key is built in two steps. A *strategy* turns a call into key material, a short
+string that travels in the ``idempotency_key`` message header; the material and the
+task name are then hashed into the Redis key of the record. Both steps are pure
+functions of their inputs, so the producer, the worker and any other process agree
+on the key whatever Python version or host they run on.
+
+Canonical encoding of arguments (the ``"args"`` and named-argument strategies):
+
+* arguments are bound to the task's signature with defaults applied, so
+  ``f(1, b=2)``, ``f(a=1, b=2)`` and ``f(1)`` (when ``b`` defaults to 2) are one call;
+* ``str``, ``int``, ``float``, ``bool`` and ``None`` encode as themselves; ``1``,
+  ``1.0`` and ``True`` are three different values; ``-0.0`` is ``0.0``;
+* ``list`` and ``tuple`` are both JSON arrays (a message serialized as JSON turns
+  tuples into lists, and the key must not change on the way);
+* every other value is a one-member JSON object naming its type, so no user value
+  can be mistaken for another: ``{"map": {...}}`` for a ``dict`` with ``str`` keys,
+  ``{"bytes": base64}``, ``{"decimal": normalized}`` (``Decimal("1.50")`` is
+  ``Decimal("1.5")``), ``{"uuid": "..."}``, ``{"datetime": iso}`` (aware datetimes
+  in UTC, so one instant is one value; naive ones as they are), ``{"date": iso}``;
+* subclasses of ``str``, ``int`` and ``float`` (``IntEnum``, ``StrEnum``) encode as
+  their plain value; anything else raises :class:`~celery_idem.errors.IdempotencyKeyError`
+  naming the argument.
+
+The result is JSON with sorted keys, no spaces, ASCII only, hashed with SHA-256.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import decimal
+import hashlib
+import inspect
+import json
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
+
+from .errors import IdempotencyKeyError, ImproperlyConfigured
+
+__all__ = [
+    "KEY_HEADER",
+    "KeyStrategy",
+    "TaskIdKey",
+    "ArgumentsKey",
+    "CallableKey",
+    "canonical_json",
+    "encode_value",
+    "record_key",
+    "strategy_for",
+    "user_key",
+]
+
+#: Message header carrying the key material of a call.
+KEY_HEADER = "idempotency_key"
+
+
+def canonical_json(value: Any) -> bytes:
+    """Serialize an already-encoded value as canonical JSON bytes."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(canonical_json(value)).hexdigest()
+
+
+def encode_value(value: Any, where: str) -> Any:
+    """Return the canonical, JSON-ready form of one argument value.
+
+    ``where`` names the value in error messages (``"order['items'][2]"``).
+    """
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        return "" + value
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return float(value) + 0.0  # -0.0 + 0.0 is 0.0
+    if isinstance(value, (list, tuple)):
+        return [encode_value(item, f"{where}[{i}]") for i, item in enumerate(value)]
+    if isinstance(value, Mapping):
+        encoded = {}
+        for name, item in value.items():
+            if not isinstance(name, str):
+                raise IdempotencyKeyError(
+                    f"argument {where!r} is a mapping with a {type(name).__name__} key "
+                    f"({name!r}); only str keys can be part of an idempotency key"
+                )
+            encoded["" + name] = encode_value(item, f"{where}[{name!r}]")
+        return {"map": encoded}
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return {"bytes": base64.b64encode(bytes(value)).decode("ascii")}
+    if isinstance(value, decimal.Decimal):
+        return {"decimal": _decimal_text(value)}
+    if isinstance(value, uuid.UUID):
+        return {"uuid": str(value)}
+    if isinstance(value, datetime.datetime):
+        if value.utcoffset() is not None:
+            value = value.astimezone(datetime.timezone.utc)
+        return {"datetime": value.isoformat()}
+    if isinstance(value, datetime.date):
+        return {"date": value.isoformat()}
+    raise IdempotencyKeyError(
+        f"argument {where!r} is a {type(value).__module__}.{type(value).__qualname__}, "
+        "which has no canonical encoding (supported: str, int, float, bool, None, list, "
+        "tuple, dict with str keys, bytes, Decimal, UUID, datetime, date); pass a "
+        "supported value, key on other arguments with idempotency_key=('name', ...), "
+        "or give idempotency_key a function"
+    )
+
+
+def _decimal_text(value: decimal.Decimal) -> str:
+    if value.is_zero():
+        return "0"
+    if value.is_snan() or value.is_qnan():
+        return "NaN"
+    return str(value.normalize())
+
+
+def record_key(prefix: str, task_name: str, material: str) -> str:
+    """Return the Redis key of the record for ``material`` of ``task_name``.
+
+    The digest is a Redis Cluster hash tag, so every key a record uses lives in one
+    slot, and any material (a user's own string included) becomes a key of fixed
+    length that cannot reach outside ``prefix``.
+    """
+    return f"{prefix}:{{{_digest({'key': material, 'task': task_name})}}}"
+
+
+def user_key(value: Any, source: str) -> str:
+    """Check a key chosen by the user (per call, or by a key function) and return it."""
+    if not isinstance(value, str) or not value:
+        raise IdempotencyKeyError(
+            f"{source} must be a non-empty str, got {type(value).__name__} {value!r:.80}"
+        )
+    return value
+
+
+class KeyStrategy(Protocol):
+    """Turns one call of a task into key material."""
+
+    #: True when the material needs the task id, which a producer may not know yet.
+    needs_task_id: bool
+
+    def material(self, task_id: str | None, args: Sequence[Any], kwargs: Mapping[str, Any]) -> str:
+        """Return the key material of one call."""
+
+
+class TaskIdKey:
+    """Every message id is its own key: protects against redelivery and republishing."""
+
+    needs_task_id = True
+
+    def material(self, task_id: str | None, args: Sequence[Any], kwargs: Mapping[str, Any]) -> str:
+        """Return ``id:<task id>``."""
+        if not task_id:
+            raise IdempotencyKeyError("idempotency_key='task_id' needs a task id and this call has none")
+        return f"id:{task_id}"
+
+    def __repr__(self) -> str:
+        return "'task_id'"
+
+
+class ArgumentsKey:
+    """Calls with equal arguments (all of them, or the named ones) share a key."""
+
+    needs_task_id = False
+
+    def __init__(self, signature: inspect.Signature, names: tuple[str, ...] | None) -> None:
+        self.signature = signature
+        self.names = names
+
+    def material(self, task_id: str | None, args: Sequence[Any], kwargs: Mapping[str, Any]) -> str:
+        """Return ``args:<sha256 of the canonical arguments>``."""
+        try:
+            bound = self.signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise IdempotencyKeyError(
+                f"the arguments do not match the task's signature {self.signature}: {exc}"
+            ) from exc
+        bound.apply_defaults()
+        if self.names is None:
+            values = bound.arguments
+        else:
+            values = {name: self._named(bound.arguments, name) for name in self.names}
+        encoded = {name: encode_value(value, name) for name, value in values.items()}
+        return f"args:{_digest(encoded)}"
+
+    def _named(self, arguments: Mapping[str, Any], name: str) -> Any:
+        if name in self.signature.parameters:
+            return arguments[name]
+        extra = next(
+            (arguments[p.name] for p in self.signature.parameters.values() if p.kind is p.VAR_KEYWORD),
+            {},
+        )
+        if name not in extra:
+            raise IdempotencyKeyError(
+                f"idempotency_key names the argument {name!r}, which this call does not pass"
+            )
+        return extra[name]
+
+    def __repr__(self) -> str:
+        return "'args'" if self.names is None else repr(self.names)
+
+
+class CallableKey:
+    """The user's function returns the key of each call."""
+
+    needs_task_id = False
+
+    def __init__(self, function: Callable[..., str]) -> None:
+        self.function = function
+
+    def material(self, task_id: str | None, args: Sequence[Any], kwargs: Mapping[str, Any]) -> str:
+        """Call the function with the task's arguments and check what it returns."""
+        name = getattr(self.function, "__qualname__", repr(self.function))
+        try:
+            value = self.function(*args, **kwargs)
+        except Exception as exc:
+            raise IdempotencyKeyError(f"the idempotency_key function {name} raised {exc!r}") from exc
+        return user_key(value, f"the idempotency_key function {name}'s return value")
+
+    def __repr__(self) -> str:
+        return getattr(self.function, "__qualname__", repr(self.function))
+
+
+def strategy_for(spec: Any, signature: inspect.Signature, option: str) -> KeyStrategy:
+    """Build the strategy for an ``idempotency_key`` setting, or explain what is wrong.
+
+    ``signature`` is the signature of the task's ``run``; named arguments are checked
+    against it so a typo fails when the task is bound, not on the first message.
+    """
+    if spec == "task_id":
+        return TaskIdKey()
+    if spec == "args":
+        return ArgumentsKey(signature, None)
+    if isinstance(spec, (list, tuple)):
+        names = tuple(spec)
+        if not names or not all(isinstance(n, str) for n in names):
+            raise ImproperlyConfigured(
+                f"{option} as a list must name at least one argument, all as str; got {spec!r}"
+            )
+        has_var_kw = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
+        unknown = [n for n in names if n not in signature.parameters]
+        if unknown and not has_var_kw:
+            raise ImproperlyConfigured(
+                f"{option} names {', '.join(map(repr, unknown))}, which the task's "
+                f"signature {signature} does not have"
+            )
+        return ArgumentsKey(signature, names)
+    if callable(spec):
+        return CallableKey(spec)
+    raise ImproperlyConfigured(
+        f"{option} must be 'task_id', 'args', a list of argument names or a callable; got {spec!r}"
+    )

@@ -1,0 +1,22 @@
+-- release: give a lease back without an outcome, so the next delivery can run.
+--
+-- KEYS[1]  the record
+-- ARGV[1]  'token' to match the caller's fencing token, or 'holder' to match a task
+--          id (used when the worker's main process releases a run it terminated)
+-- ARGV[2]  the token or task id
+-- ARGV[3]  how long to keep the freed record, ms (it keeps the fencing token, so the
+--          next run's token is higher)
+--
+-- Returns 1 when released, 0 when the caller did not hold the lease.
+local key = KEYS[1]
+local rec = redis.call('HMGET', key, 'state', 'token', 'holder')
+if rec[1] ~= 'running' then
+  return 0
+end
+if (ARGV[1] == 'token' and rec[2] ~= ARGV[2]) or (ARGV[1] == 'holder' and rec[3] ~= ARGV[2]) then
+  return 0
+end
+redis.call('HSET', key, 'state', 'free')
+redis.call('HDEL', key, 'holder', 'expires')
+redis.call('PEXPIRE', key, tonumber(ARGV[3]))
+return 1

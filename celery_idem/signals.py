@@ -1,0 +1,56 @@
+"""Celery signal handlers: validate at worker start, reset after fork, free revoked keys.
+
+Connected when ``celery_idem`` is imported, which every module defining an
+:class:`~celery_idem.IdempotentTask` does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import signals
+from celery.utils.log import get_logger
+
+from .config import check_app_settings, resolve
+from .lease import reset_renewer
+from .store import BACKEND_ERRORS, reset_stores
+from .task import IdempotentTask
+
+__all__ = ["validate_on_worker_start", "reset_after_fork", "release_revoked"]
+
+logger = get_logger(__name__)
+
+
+@signals.worker_init.connect(weak=False)
+def validate_on_worker_start(sender: Any = None, **kwargs: Any) -> None:
+    """Re-resolve every idempotent task's options against the worker's final config.
+
+    A bad setting raises :class:`~celery_idem.errors.ImproperlyConfigured` here and
+    the worker does not start.
+    """
+    app = sender.app
+    check_app_settings(app)
+    for task in app.tasks.values():
+        if isinstance(task, IdempotentTask):
+            type(task)._idempotency_config = resolve(app, type(task))
+
+
+@signals.worker_process_init.connect(weak=False)
+def reset_after_fork(**kwargs: Any) -> None:
+    """Give a new pool process its own Redis connections and renewal thread."""
+    reset_stores()
+    reset_renewer()
+
+
+@signals.task_revoked.connect(weak=False)
+def release_revoked(sender: Any = None, request: Any = None, terminated: bool = False, **kwargs: Any) -> None:
+    """Free the key of a run killed by ``revoke(terminate=True)`` instead of waiting out its lease."""
+    if not terminated or not isinstance(sender, IdempotentTask) or request is None:
+        return
+    try:
+        released = sender.release_terminated(request)
+    except BACKEND_ERRORS as exc:
+        logger.warning("celery-idem: could not release the key of revoked task %s: %r", request.id, exc)
+        return
+    if released:
+        logger.info("celery-idem: released the key of terminated task %s", request.id)

@@ -1,0 +1,253 @@
+"""The Redis record of each idempotency key: acquire, renew, commit, release, read.
+
+Every verb is one ``EVALSHA`` of a script in ``lua/`` (renewal of many leases is one
+pipelined round trip), and the scripts alone decide state: Python passes arguments
+and turns the reply into :class:`Acquired`, :class:`Finished` or :class:`Busy`.
+Every mutation is owner-checked by fencing token, so a run that lost its lease can
+neither renew, commit nor release someone else's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, Union
+
+import redis
+from redis.exceptions import NoScriptError
+
+from .errors import LeaseLost
+
+__all__ = [
+    "BACKEND_ERRORS",
+    "Acquired",
+    "Busy",
+    "Finished",
+    "Outcome",
+    "Record",
+    "RecordStore",
+    "store_for",
+    "reset_stores",
+]
+
+#: Errors that mean "Redis cannot be reached or cannot serve now", as opposed to a
+#: bug. They drive ``idempotency_on_backend_error``.
+BACKEND_ERRORS: tuple[type[Exception], ...] = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.ClusterDownError,
+    redis.exceptions.TryAgainError,
+)
+
+#: Client settings used unless ``idempotency_redis_options`` says otherwise: fail
+#: fast when Redis is away rather than hang a worker slot.
+_CLIENT_DEFAULTS: Mapping[str, Any] = {"socket_connect_timeout": 5, "socket_timeout": 10}
+
+
+class _Script:
+    """A Lua script from the package, run by SHA and loaded only when Redis lacks it."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.source = resources.files(__package__).joinpath("lua", f"{name}.lua").read_text()
+        self.sha = hashlib.sha1(self.source.encode()).hexdigest()
+
+
+_ACQUIRE = _Script("acquire")
+_RENEW = _Script("renew")
+_COMMIT = _Script("commit")
+_RELEASE = _Script("release")
+
+
+@dataclass(frozen=True)
+class Acquired:
+    """The caller now holds the lease under ``token``."""
+
+    token: int
+    #: True when the lease of a run that stopped renewing was taken over.
+    taken_over: bool
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """An encoded result or failure, as kept in a record."""
+
+    data: bytes
+    content_type: str
+    content_encoding: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    """A run already finished; ``outcome`` is its result, or its failure when ``failed``."""
+
+    token: int
+    failed: bool
+    outcome: Outcome
+
+
+@dataclass(frozen=True)
+class Busy:
+    """A live run holds the lease."""
+
+    holder: str
+    lease_left: float
+    token: int
+
+
+AcquireResult = Union[Acquired, Finished, Busy]
+
+
+@dataclass(frozen=True)
+class Record:
+    """What a record holds, for inspection."""
+
+    state: str
+    token: int
+    holder: str | None
+    outcome: Outcome | None
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class RecordStore:
+    """The records kept in one Redis database."""
+
+    def __init__(self, client: redis.Redis, url: str) -> None:
+        self.client = client
+        #: The URL with any password removed, for messages.
+        self.url = url
+
+    def acquire(self, key: str, holder: str, lease_ms: int, keep_ms: int) -> AcquireResult:
+        """Take the lease on ``key`` for task ``holder``, or report who has it or what it returned."""
+        reply = self._run(_ACQUIRE, key, holder, lease_ms, keep_ms)
+        kind = reply[0]
+        if kind == 0:
+            return Acquired(token=int(reply[1]), taken_over=bool(reply[2]))
+        if kind == 1:
+            return Finished(
+                token=int(reply[1]),
+                failed=_text(reply[2]) == "failed",
+                outcome=Outcome(reply[3], _text(reply[4]), _text(reply[5])),
+            )
+        return Busy(holder=_text(reply[1]), lease_left=int(reply[2]) / 1000, token=int(reply[3]))
+
+    def renew(self, leases: Sequence[tuple[str, int, int, int]]) -> list[bool]:
+        """Renew many leases in one round trip.
+
+        ``leases`` holds ``(key, token, lease_ms, keep_ms)`` tuples; the answer says,
+        for each, whether the caller still held it.
+        """
+        if not leases:
+            return []
+        pending = list(range(len(leases)))
+        renewed: list[Any] = [None] * len(leases)
+        for _ in range(2):
+            pipe = self.client.pipeline(transaction=False)
+            for i in pending:
+                key, token, lease_ms, keep_ms = leases[i]
+                pipe.evalsha(_RENEW.sha, 1, key, token, lease_ms, keep_ms)
+            replies = pipe.execute(raise_on_error=False)
+            missing = []
+            for i, reply in zip(pending, replies):
+                if isinstance(reply, NoScriptError):
+                    missing.append(i)
+                elif isinstance(reply, Exception):
+                    raise reply
+                else:
+                    renewed[i] = bool(reply)
+            if not missing:
+                break
+            self.client.script_load(_RENEW.source)
+            pending = missing
+        return [bool(r) for r in renewed]
+
+    def commit(self, key: str, token: int, failed: bool, outcome: Outcome, keep_ms: int) -> None:
+        """Record the outcome of the run holding ``token``.
+
+        Raises :class:`~celery_idem.errors.LeaseLost` when another run holds or
+        finished the key: the record is left as that run made it.
+        """
+        state = "failed" if failed else "done"
+        reply = self._run(
+            _COMMIT, key, token, state, outcome.data, outcome.content_type, outcome.content_encoding, keep_ms
+        )
+        if reply[0] != 1:
+            raise LeaseLost(key, token, _describe(_text(reply[1]), int(reply[2]), token))
+
+    def release(self, key: str, token: int, keep_ms: int) -> bool:
+        """Free the lease held under ``token`` without an outcome; False if not held."""
+        return bool(self._run(_RELEASE, key, "token", token, keep_ms))
+
+    def release_holder(self, key: str, holder: str, keep_ms: int) -> bool:
+        """Free the lease if task ``holder`` holds it; False if it does not."""
+        return bool(self._run(_RELEASE, key, "holder", holder, keep_ms))
+
+    def read(self, key: str) -> Record | None:
+        """Return what the record of ``key`` holds, or None if there is none."""
+        fields = {_text(k): v for k, v in self.client.hgetall(key).items()}
+        if not fields:
+            return None
+        outcome = None
+        if "result" in fields:
+            outcome = Outcome(fields["result"], _text(fields["ctype"]), _text(fields["cenc"]))
+        holder = fields.get("holder")
+        return Record(
+            state=_text(fields["state"]),
+            token=int(fields.get("token", 0)),
+            holder=_text(holder) if holder is not None else None,
+            outcome=outcome,
+        )
+
+    def _run(self, script: _Script, key: str, *args: Any) -> Any:
+        try:
+            return self.client.evalsha(script.sha, 1, key, *args)
+        except NoScriptError:
+            self.client.script_load(script.source)
+            return self.client.evalsha(script.sha, 1, key, *args)
+
+
+def _describe(state: str, current: int, mine: int) -> str:
+    if state == "missing":
+        return "missing"
+    return f"{state} under token {current}" if current != mine else state
+
+
+_stores: dict[tuple[str, str], RecordStore] = {}
+_stores_lock = threading.Lock()
+
+
+def store_for(url: str, options: Mapping[str, Any]) -> RecordStore:
+    """Return this process's store for ``url``; one client (and pool) per URL and options."""
+    cache_key = (url, json.dumps(dict(options), sort_keys=True, default=repr))
+    store = _stores.get(cache_key)
+    if store is None:
+        with _stores_lock:
+            store = _stores.get(cache_key)
+            if store is None:
+                client = redis.Redis.from_url(url, **{**_CLIENT_DEFAULTS, **options})
+                store = _stores[cache_key] = RecordStore(client, _redact(url))
+    return store
+
+
+def reset_stores() -> None:
+    """Forget every client: a forked child must not share its parent's sockets."""
+    with _stores_lock:
+        _stores.clear()
+
+
+def _redact(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    credentials, at, host = rest.rpartition("@")
+    if not at:
+        return url
+    user = credentials.split(":", 1)[0]
+    return f"{scheme}{sep}{user}:***@{host}" if user else f"{scheme}{sep}***@{host}"
+
