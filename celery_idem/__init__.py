@@ -24,16 +24,16 @@ from .task import IdempotentTask
 __version__ = "0.1.0"
 
 __all__ = [
-    "IdempotentTask",
-    "Lease",
-    "IdempotencyError",
-    "ImproperlyConfigured",
-    "IdempotencyKeyError",
-    "DuplicateTaskInProgress",
-    "LeaseLost",
     "BackendUnavailable",
+    "DuplicateTaskInProgress",
+    "IdempotencyError",
+    "IdempotencyKeyError",
+    "IdempotentTask",
+    "ImproperlyConfigured",
+    "Lease",
+    "LeaseLost",
+    "RecordNotReadable",
     "ResultNotSerializable",
     "ResultTooLarge",
-    "RecordNotReadable",
     "__version__",
 ]

@@ -21,7 +21,7 @@ from .store import Outcome
 if TYPE_CHECKING:
     from celery.backends.base import Backend
 
-__all__ = ["encode_result", "encode_failure", "decode_result", "decode_failure"]
+__all__ = ["decode_failure", "decode_result", "encode_failure", "encode_result"]
 
 
 def _outcome(value: Any, serializer: str) -> Outcome:

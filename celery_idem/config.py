@@ -27,13 +27,13 @@ if TYPE_CHECKING:
     from celery import Celery
 
 __all__ = [
-    "DEFAULTS",
-    "CONFLICT_POLICIES",
     "BACKEND_ERROR_POLICIES",
+    "CONFLICT_POLICIES",
+    "DEFAULTS",
     "IdempotencyConfig",
-    "resolve",
     "check_app_settings",
     "default_redis_url",
+    "resolve",
 ]
 
 #: Every option with its default. ``idempotency_redis_url``'s default is derived
@@ -125,12 +125,16 @@ def resolve(app: Celery, task_cls: type) -> IdempotencyConfig:
 def check_app_settings(app: Celery) -> None:
     """Reject ``idempotency_*`` settings in ``app.conf`` that are not options."""
     conf = app.conf
+    # With a namespace (Django's CELERY_ prefix), keys outside it are the project's
+    # own settings, which Celery never reads: only namespaced keys are checked.
     prefix = (getattr(conf, "prefix", None) or "").lower()
     names = []
     for key in conf.keys():
         name = str(key).lower()
-        if prefix and name.startswith(prefix):
-            name = name[len(prefix):]
+        if prefix:
+            if not name.startswith(prefix):
+                continue
+            name = name[len(prefix) :]
         names.append(name)
     _check_names(names, "app.conf")
 
@@ -145,7 +149,7 @@ def default_redis_url(app: Celery) -> str:
             continue
         candidate = candidate.split(";")[0].strip()
         if candidate.startswith("redis+socket://"):
-            candidate = "unix://" + candidate[len("redis+socket://"):]
+            candidate = "unix://" + candidate[len("redis+socket://") :]
         if urlsplit(candidate).scheme in _REDIS_SCHEMES:
             return candidate
     return _FALLBACK_URL
@@ -198,8 +202,7 @@ def _redis_options(value: Any) -> Mapping[str, Any]:
         )
     if value.get("decode_responses"):
         raise ImproperlyConfigured(
-            "idempotency_redis_options must not set decode_responses: records hold "
-            "encoded results as bytes"
+            "idempotency_redis_options must not set decode_responses: records hold encoded results as bytes"
         )
     return MappingProxyType(dict(value))
 
@@ -231,9 +234,7 @@ def _choice(value: Any, option: str, choices: tuple[str, ...]) -> str:
     if value not in choices:
         close = difflib.get_close_matches(str(value), choices, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ImproperlyConfigured(
-            f"{option} must be one of {', '.join(choices)}; got {value!r}{hint}"
-        )
+        raise ImproperlyConfigured(f"{option} must be one of {', '.join(choices)}; got {value!r}{hint}")
     return str(value)
 
 
@@ -251,9 +252,7 @@ def _exception_classes(value: Any) -> tuple[type[BaseException], ...]:
                 ) from exc
         if not (isinstance(cls, type) and issubclass(cls, BaseException)):
             raise ImproperlyConfigured(
-                f"idempotency_cache_errors must list exception classes (or their dotted "
-                f"names); got {item!r}"
+                f"idempotency_cache_errors must list exception classes (or their dotted names); got {item!r}"
             )
         classes.append(cls)
     return tuple(classes)
-

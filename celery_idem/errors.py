@@ -10,15 +10,15 @@ from __future__ import annotations
 from celery.exceptions import ImproperlyConfigured as _CeleryImproperlyConfigured
 
 __all__ = [
-    "IdempotencyError",
-    "ImproperlyConfigured",
-    "IdempotencyKeyError",
-    "DuplicateTaskInProgress",
-    "LeaseLost",
     "BackendUnavailable",
+    "DuplicateTaskInProgress",
+    "IdempotencyError",
+    "IdempotencyKeyError",
+    "ImproperlyConfigured",
+    "LeaseLost",
+    "RecordNotReadable",
     "ResultNotSerializable",
     "ResultTooLarge",
-    "RecordNotReadable",
 ]
 
 
@@ -26,7 +26,7 @@ class IdempotencyError(Exception):
     """Base class of every celery_idem exception."""
 
 
-class ImproperlyConfigured(IdempotencyError, _CeleryImproperlyConfigured):
+class ImproperlyConfigured(IdempotencyError, _CeleryImproperlyConfigured):  # type: ignore[misc]
     """A setting or task option has an invalid value; the message names it.
 
     Raised when a task class is bound to its app and when the worker starts, so a
@@ -61,8 +61,7 @@ class DuplicateTaskInProgress(IdempotencyError):
 
     def __str__(self) -> str:
         return (
-            f"{self.key} is held by task {self.holder} "
-            f"(lease ends in {self.lease_left:.1f}s unless renewed)"
+            f"{self.key} is held by task {self.holder} (lease ends in {self.lease_left:.1f}s unless renewed)"
         )
 
 
@@ -75,19 +74,26 @@ class LeaseLost(IdempotencyError):
     token is lower than the one now holding or having finished the key.
     """
 
-    def __init__(self, key: str, token: int, state: str) -> None:
-        super().__init__(key, token, state)
+    def __init__(self, key: str, token: int, state: str, current_token: int) -> None:
+        super().__init__(key, token, state, current_token)
         #: The Redis key of the record.
         self.key = key
         #: The fencing token this run held.
         self.token = token
-        #: What the record says now (``running``, ``done``, ``failed``, ``free``, ``missing``).
+        #: What the record says now: ``running``, ``done``, ``failed``, ``free`` or ``missing``.
         self.state = state
+        #: The record's fencing token now (0 when the record is missing).
+        self.current_token = current_token
 
     def __str__(self) -> str:
+        now = (
+            f"{self.state} under token {self.current_token}"
+            if self.current_token != self.token
+            else self.state
+        )
         return (
             f"lost the lease on {self.key} (fencing token {self.token}); "
-            f"the record is now {self.state}, so this run's result was not recorded"
+            f"the record is now {now}, so this run's result was not recorded"
         )
 
 

@@ -16,9 +16,11 @@ Canonical encoding of arguments (the ``"args"`` and named-argument strategies):
   tuples into lists, and the key must not change on the way);
 * every other value is a one-member JSON object naming its type, so no user value
   can be mistaken for another: ``{"map": {...}}`` for a ``dict`` with ``str`` keys,
-  ``{"bytes": base64}``, ``{"decimal": normalized}`` (``Decimal("1.50")`` is
-  ``Decimal("1.5")``), ``{"uuid": "..."}``, ``{"datetime": iso}`` (aware datetimes
-  in UTC, so one instant is one value; naive ones as they are), ``{"date": iso}``;
+  ``{"bytes": base64}``, ``{"decimal": "15E-1"}`` (significant digits and exponent,
+  so ``Decimal("1.50")`` is ``Decimal("1.5")`` and no digit is ever rounded away),
+  ``{"uuid": "..."}``, ``{"datetime": iso}`` (aware datetimes in UTC, so one instant
+  is one value; naive ones as they are), ``{"date": iso}``, and ``{"int": hex}``
+  for integers of more than 2000 bits;
 * subclasses of ``str``, ``int`` and ``float`` (``IntEnum``, ``StrEnum``) encode as
   their plain value; anything else raises :class:`~celery_idem.errors.IdempotencyKeyError`
   naming the argument.
@@ -42,10 +44,10 @@ from .errors import IdempotencyKeyError, ImproperlyConfigured
 
 __all__ = [
     "KEY_HEADER",
-    "KeyStrategy",
-    "TaskIdKey",
     "ArgumentsKey",
     "CallableKey",
+    "KeyStrategy",
+    "TaskIdKey",
     "canonical_json",
     "encode_value",
     "record_key",
@@ -76,7 +78,10 @@ def encode_value(value: Any, where: str) -> Any:
     if isinstance(value, str):
         return "" + value
     if isinstance(value, int):
-        return int(value)
+        value = int(value)
+        # Python refuses to print huge ints in decimal (a limit each process may
+        # lower to 640 digits); past 2000 bits the key spells them in hex instead.
+        return {"int": hex(value)} if value.bit_length() > 2000 else value
     if isinstance(value, float):
         return float(value) + 0.0  # -0.0 + 0.0 is 0.0
     if isinstance(value, (list, tuple)):
@@ -99,7 +104,13 @@ def encode_value(value: Any, where: str) -> Any:
         return {"uuid": str(value)}
     if isinstance(value, datetime.datetime):
         if value.utcoffset() is not None:
-            value = value.astimezone(datetime.timezone.utc)
+            try:
+                value = value.astimezone(datetime.timezone.utc)
+            except OverflowError:
+                raise IdempotencyKeyError(
+                    f"argument {where!r} is an aware datetime whose UTC time is outside the "
+                    "range datetime can represent"
+                ) from None
         return {"datetime": value.isoformat()}
     if isinstance(value, datetime.date):
         return {"date": value.isoformat()}
@@ -113,11 +124,21 @@ def encode_value(value: Any, where: str) -> Any:
 
 
 def _decimal_text(value: decimal.Decimal) -> str:
+    # Built from the digits, not with normalize(): that rounds to, and spells by,
+    # the calling thread's decimal context, which differs between processes.
+    if value.is_nan():
+        return "NaN"
+    if value.is_infinite():
+        return "-Infinity" if value.is_signed() else "Infinity"
     if value.is_zero():
         return "0"
-    if value.is_snan() or value.is_qnan():
-        return "NaN"
-    return str(value.normalize())
+    sign, digits, exponent = value.as_tuple()
+    assert isinstance(exponent, int)
+    kept = list(digits)
+    while kept[-1] == 0:
+        kept.pop()
+        exponent += 1
+    return f"{'-' if sign else ''}{''.join(map(str, kept))}E{exponent}"
 
 
 def record_key(prefix: str, task_name: str, material: str) -> str:
@@ -192,7 +213,7 @@ class ArgumentsKey:
     def _named(self, arguments: Mapping[str, Any], name: str) -> Any:
         if name in self.signature.parameters:
             return arguments[name]
-        extra = next(
+        extra: Mapping[str, Any] = next(
             (arguments[p.name] for p in self.signature.parameters.values() if p.kind is p.VAR_KEYWORD),
             {},
         )

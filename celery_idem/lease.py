@@ -16,8 +16,9 @@ import threading
 from collections import defaultdict
 
 from celery.utils.log import get_logger
+from redis.exceptions import RedisError
 
-from .store import BACKEND_ERRORS, RecordStore
+from .store import RecordStore, describe_error
 
 __all__ = ["Lease", "Renewer", "renewer", "reset_renewer"]
 
@@ -27,7 +28,7 @@ logger = get_logger(__name__)
 class Lease:
     """The lease of one run: its record key and fencing token."""
 
-    __slots__ = ("store", "key", "token", "lease_ms", "keep_ms", "_lost", "settled")
+    __slots__ = ("_lost", "keep_ms", "key", "lease_ms", "settled", "store", "token")
 
     def __init__(self, store: RecordStore, key: str, token: int, lease_ms: int, keep_ms: int) -> None:
         self.store = store
@@ -87,7 +88,10 @@ class Renewer:
                 interval = min(lease.lease_ms for lease in self._leases) / 3000
                 self._cond.wait(interval)
                 held = list(self._leases)
-            self.renew(held)
+            try:
+                self.renew(held)
+            except Exception:  # the thread must outlive any one failed tick
+                logger.exception("celery-idem: lease renewal failed")
 
     def renew(self, leases: list[Lease]) -> None:
         """Renew ``leases`` now: one round trip per Redis server."""
@@ -96,12 +100,25 @@ class Renewer:
             by_store[lease.store].append(lease)
         for store, group in by_store.items():
             try:
-                held = store.renew([(lease.key, lease.token, lease.lease_ms, lease.keep_ms) for lease in group])
-            except BACKEND_ERRORS as exc:
-                logger.warning("celery-idem: could not renew %d lease(s) at %s: %r", len(group), store.url, exc)
+                held = store.renew(
+                    [(lease.key, lease.token, lease.lease_ms, lease.keep_ms) for lease in group]
+                )
+            except RedisError as exc:
+                # Not only outages: an error reply for one key must not stop the
+                # renewal of the others on the next tick, nor kill this thread.
+                logger.warning(
+                    "celery-idem: could not renew %d lease(s) at %s: %s",
+                    len(group),
+                    store.url,
+                    describe_error(exc),
+                )
                 continue
             for lease, still_held in zip(group, held):
-                if not still_held and not lease.settled and not lease.lost:
+                # A run drops its lease before committing or releasing it, so a
+                # lease no longer held here was given up, not lost.
+                with self._cond:
+                    given_up = lease not in self._leases
+                if not still_held and not given_up and not lease.lost:
                     lease.mark_lost()
                     logger.warning(
                         "celery-idem: lost the lease on %s (token %d); this run will not be recorded",

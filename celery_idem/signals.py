@@ -12,11 +12,12 @@ from celery import signals
 from celery.utils.log import get_logger
 
 from .config import check_app_settings, resolve
+from .errors import ImproperlyConfigured
 from .lease import reset_renewer
-from .store import BACKEND_ERRORS, reset_stores
+from .store import BACKEND_ERRORS, describe_error, reset_stores
 from .task import IdempotentTask
 
-__all__ = ["validate_on_worker_start", "reset_after_fork", "release_revoked"]
+__all__ = ["release_revoked", "reset_after_fork", "validate_on_worker_start"]
 
 logger = get_logger(__name__)
 
@@ -25,14 +26,19 @@ logger = get_logger(__name__)
 def validate_on_worker_start(sender: Any = None, **kwargs: Any) -> None:
     """Re-resolve every idempotent task's options against the worker's final config.
 
-    A bad setting raises :class:`~celery_idem.errors.ImproperlyConfigured` here and
-    the worker does not start.
+    Settings may change after the tasks were bound (in ``celeryd_init`` handlers,
+    say), so they are resolved again here. A bad setting stops the worker with the
+    :class:`~celery_idem.errors.ImproperlyConfigured` message: Celery logs and
+    swallows exceptions raised by signal handlers, so this one exits instead.
     """
     app = sender.app
-    check_app_settings(app)
-    for task in app.tasks.values():
-        if isinstance(task, IdempotentTask):
-            type(task)._idempotency_config = resolve(app, type(task))
+    try:
+        check_app_settings(app)
+        for task in app.tasks.values():
+            if isinstance(task, IdempotentTask):
+                type(task)._resolved_idempotency = resolve(app, type(task))
+    except ImproperlyConfigured as exc:
+        raise SystemExit(f"celery-idem: {exc}") from exc
 
 
 @signals.worker_process_init.connect(weak=False)
@@ -50,7 +56,9 @@ def release_revoked(sender: Any = None, request: Any = None, terminated: bool = 
     try:
         released = sender.release_terminated(request)
     except BACKEND_ERRORS as exc:
-        logger.warning("celery-idem: could not release the key of revoked task %s: %r", request.id, exc)
+        logger.warning(
+            "celery-idem: could not release the key of revoked task %s: %s", request.id, describe_error(exc)
+        )
         return
     if released:
         logger.info("celery-idem: released the key of terminated task %s", request.id)

@@ -30,8 +30,9 @@ __all__ = [
     "Outcome",
     "Record",
     "RecordStore",
-    "store_for",
+    "describe_error",
     "reset_stores",
+    "store_for",
 ]
 
 #: Errors that mean "Redis cannot be reached or cannot serve now", as opposed to a
@@ -113,6 +114,11 @@ class Record:
     outcome: Outcome | None
 
 
+def describe_error(exc: BaseException) -> str:
+    """``"ConnectionError: Error 111 connecting to ..."``, for messages and logs."""
+    return f"{type(exc).__name__}: {exc}"
+
+
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
@@ -180,7 +186,7 @@ class RecordStore:
             _COMMIT, key, token, state, outcome.data, outcome.content_type, outcome.content_encoding, keep_ms
         )
         if reply[0] != 1:
-            raise LeaseLost(key, token, _describe(_text(reply[1]), int(reply[2]), token))
+            raise LeaseLost(key, token, _text(reply[1]), int(reply[2]))
 
     def release(self, key: str, token: int, keep_ms: int) -> bool:
         """Free the lease held under ``token`` without an outcome; False if not held."""
@@ -192,7 +198,8 @@ class RecordStore:
 
     def read(self, key: str) -> Record | None:
         """Return what the record of ``key`` holds, or None if there is none."""
-        fields = {_text(k): v for k, v in self.client.hgetall(key).items()}
+        raw: dict[bytes, bytes] = self.client.hgetall(key)  # type: ignore[assignment]
+        fields = {_text(k): v for k, v in raw.items()}
         if not fields:
             return None
         outcome = None
@@ -212,12 +219,6 @@ class RecordStore:
         except NoScriptError:
             self.client.script_load(script.source)
             return self.client.evalsha(script.sha, 1, key, *args)
-
-
-def _describe(state: str, current: int, mine: int) -> str:
-    if state == "missing":
-        return "missing"
-    return f"{state} under token {current}" if current != mine else state
 
 
 _stores: dict[tuple[str, str], RecordStore] = {}
@@ -250,4 +251,3 @@ def _redact(url: str) -> str:
         return url
     user = credentials.split(":", 1)[0]
     return f"{scheme}{sep}{user}:***@{host}" if user else f"{scheme}{sep}***@{host}"
-

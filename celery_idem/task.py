@@ -34,9 +34,9 @@ from .errors import (
 )
 from .keys import KEY_HEADER, record_key, user_key
 from .lease import Lease, renewer
-from .store import BACKEND_ERRORS, Acquired, Busy, Finished, Outcome, RecordStore, store_for
+from .store import BACKEND_ERRORS, Acquired, Busy, Finished, Outcome, RecordStore, describe_error, store_for
 
-__all__ = ["IdempotentTask", "REQUEUES_HEADER"]
+__all__ = ["REQUEUES_HEADER", "IdempotentTask"]
 
 logger = get_logger(__name__)
 
@@ -198,7 +198,9 @@ class IdempotentTask(Task):  # type: ignore[misc]
                 # republish with the same id). Raising or dropping it would record a
                 # failure under the running task's id, or lose the work if the holder
                 # then dies; it is re-queued until the holder finishes.
-                self._requeue(request, material, self._conflict_delay(config, request, claim), busy, quiet=True)
+                self._requeue(
+                    request, material, self._conflict_delay(config, request, claim), busy, quiet=True
+                )
             if policy == "wait" or (policy == "retry" and request.is_eager):
                 # In eager mode there is no broker to re-queue to, so "retry" waits.
                 now = time.monotonic()
@@ -209,7 +211,9 @@ class IdempotentTask(Task):  # type: ignore[misc]
                 poll = min(poll * 2, 1.0)
                 continue
             if policy == "retry":
-                self._requeue(request, material, self._conflict_delay(config, request, claim), busy, quiet=False)
+                self._requeue(
+                    request, material, self._conflict_delay(config, request, claim), busy, quiet=False
+                )
             if policy == "raise":
                 raise busy
             logger.info("celery-idem: dropping %s[%s]: %s", self.name, request.id, busy)
@@ -270,6 +274,7 @@ class IdempotentTask(Task):  # type: ignore[misc]
             renewer().drop(lease)
 
     def _commit(self, config: IdempotencyConfig, lease: Lease, failed: bool, outcome: Outcome) -> None:
+        renewer().drop(lease)
         # A short Redis outage (a restart, a failover) must not turn a finished run
         # into a re-run: keep trying for as long as the lease would last.
         give_up = time.monotonic() + config.lock_ttl
@@ -279,12 +284,16 @@ class IdempotentTask(Task):  # type: ignore[misc]
                 lease.store.commit(lease.key, lease.token, failed, outcome, lease.keep_ms)
             except LeaseLost:
                 lease.settled = True
-                logger.error("celery-idem: %s[%s] lost its lease on %s", self.name, self.request.id, lease.key)
+                logger.error(
+                    "celery-idem: %s[%s] lost its lease on %s", self.name, self.request.id, lease.key
+                )
                 raise
             except BACKEND_ERRORS as exc:
                 if time.monotonic() + delay > give_up:
-                    raise BackendUnavailable(lease.store.url, repr(exc)) from exc
-                logger.warning("celery-idem: commit of %s failed (%r); trying again", lease.key, exc)
+                    raise BackendUnavailable(lease.store.url, describe_error(exc)) from exc
+                logger.warning(
+                    "celery-idem: commit of %s failed (%s); trying again", lease.key, describe_error(exc)
+                )
                 time.sleep(delay)
                 delay = min(delay * 2, 1.0)
             else:
@@ -292,6 +301,7 @@ class IdempotentTask(Task):  # type: ignore[misc]
                 return
 
     def _release(self, lease: Lease) -> None:
+        renewer().drop(lease)
         if lease.settled:
             return
         lease.settled = True
@@ -299,9 +309,9 @@ class IdempotentTask(Task):  # type: ignore[misc]
             lease.store.release(lease.key, lease.token, lease.keep_ms)
         except BACKEND_ERRORS as exc:
             logger.warning(
-                "celery-idem: could not release %s (%r); it frees itself when the lease ends in %.1fs",
+                "celery-idem: could not release %s (%s); it frees itself when the lease ends in %.1fs",
                 lease.key,
-                exc,
+                describe_error(exc),
                 lease.lease_ms / 1000,
             )
 
@@ -328,7 +338,7 @@ class IdempotentTask(Task):  # type: ignore[misc]
         kwargs: dict[str, Any],
         exc: Exception,
     ) -> Any:
-        error = BackendUnavailable(store.url, repr(exc))
+        error = BackendUnavailable(store.url, describe_error(exc))
         if config.on_backend_error == "run":
             logger.warning("celery-idem: %s; running %s[%s] unprotected", error, self.name, request.id)
             return self.run(*args, **kwargs)
@@ -350,7 +360,7 @@ class IdempotentTask(Task):  # type: ignore[misc]
         visibility = (self.app.conf.broker_transport_options or {}).get("visibility_timeout")
         if visibility:
             delay = min(delay, visibility / 2)
-        return delay * random.uniform(0.8, 1.0)
+        return float(delay * random.uniform(0.8, 1.0))
 
     def _requeue(self, request: Any, material: str, delay: float, reason: Exception, quiet: bool) -> Any:
         """Send this delivery again after ``delay`` seconds without using the retry budget."""

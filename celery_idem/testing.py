@@ -16,7 +16,7 @@ import tempfile
 import threading
 from types import TracebackType
 
-__all__ = ["find_redis_server", "free_port", "RedisServer"]
+__all__ = ["RedisServer", "find_redis_server", "free_port"]
 
 
 def find_redis_server() -> str:
@@ -69,21 +69,31 @@ class RedisServer:
             return self
         args = [
             find_redis_server(),
-            "--port", str(self.port),
-            "--bind", "127.0.0.1",
-            "--dir", self.directory,
-            "--save", "",
-            "--appendonly", "yes" if self.appendonly else "no",
-            "--appendfsync", "always",
-            "--daemonize", "no",
-            "--loglevel", "notice",
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            self.directory,
+            "--save",
+            "",
+            "--appendonly",
+            "yes" if self.appendonly else "no",
+            "--appendfsync",
+            "always",
+            "--daemonize",
+            "no",
+            "--loglevel",
+            "notice",
         ]
         ready = threading.Event()
         self.process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         threading.Thread(target=self._drain, args=(self.process, ready), daemon=True).start()
         if not ready.wait(timeout) or self.process.poll() is not None:
             self.stop()
-            raise RuntimeError(f"redis-server on port {self.port} did not start:\n" + "\n".join(self.log[-20:]))
+            raise RuntimeError(
+                f"redis-server on port {self.port} did not start:\n" + "\n".join(self.log[-20:])
+            )
         return self
 
     def _drain(self, process: subprocess.Popen[bytes], ready: threading.Event) -> None:

@@ -1,0 +1,157 @@
+"""Real worker processes for tests, and waiting on what their tasks report."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Worker:
+    """A ``celery worker`` process running ``tests.worker_app`` in its own session.
+
+    Started in a new session so that :meth:`kill` takes the pool children down with
+    the main process, as a machine failure would.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        conf: dict[str, Any],
+        events: redis.Redis,
+        concurrency: int = 1,
+        pool: str = "prefork",
+        queues: str | None = None,
+    ) -> None:
+        self.name = name
+        self.conf = conf
+        self.events = events
+        self.concurrency = concurrency
+        self.pool = pool
+        self.queues = queues
+        self.process: subprocess.Popen[bytes] | None = None
+        self.logfile = Path(tempfile.mkstemp(prefix=f"celery-idem-{name}-", suffix=".log")[1])
+
+    @property
+    def hostname(self) -> str:
+        return f"{self.name}@test"
+
+    def start(self, timeout: float = 60) -> Worker:
+        env = {**os.environ, "IDEM_TEST_CONF": json.dumps(self.conf), "PYTHONPATH": str(ROOT)}
+        args = [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "tests.worker_app",
+            "worker",
+            "-n",
+            self.hostname,
+            "-P",
+            self.pool,
+            "-c",
+            str(self.concurrency),
+            "-l",
+            "INFO",
+            "--without-heartbeat",
+            "--without-gossip",
+            "--without-mingle",
+        ]
+        if self.queues:
+            args += ["-Q", self.queues]
+        with open(self.logfile, "ab") as log:
+            self.process = subprocess.Popen(
+                args, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        if self.events.blpop([f"ready:{self.hostname}"], timeout=timeout) is None:
+            self.kill()
+            raise RuntimeError(f"worker {self.name} did not start:\n{self.log()[-4000:]}")
+        return self
+
+    def stop(self, timeout: float = 30) -> None:
+        """Warm shutdown (SIGTERM), then SIGKILL if it hangs."""
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self._reap_group()
+        self.process = None
+
+    def kill(self) -> None:
+        """SIGKILL the whole worker: main process and pool children."""
+        if self.process is None:
+            return
+        self._reap_group()
+        self.process.wait(30)
+        self.process = None
+
+    def _reap_group(self) -> None:
+        assert self.process is not None
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def signal_group(self, signum: int) -> None:
+        """Send ``signum`` to every process of the worker (SIGSTOP / SIGCONT)."""
+        assert self.process is not None
+        os.killpg(self.process.pid, signum)
+
+    def log(self) -> str:
+        return self.logfile.read_text(errors="replace")
+
+
+def next_report(events: redis.Redis, kind: str, label: str, timeout: float = 60) -> dict[str, Any]:
+    """Block until a body reports ``kind`` (started / finished) for ``label``."""
+    item = events.blpop([f"{kind}:{label}"], timeout=timeout)
+    if item is None:
+        raise AssertionError(f"no {kind} report for {label!r} within {timeout}s")
+    return json.loads(item[1])
+
+
+def runs(events: redis.Redis, label: str) -> int:
+    """How many times the body ran for ``label``."""
+    return int(events.get(f"runs:{label}") or 0)
+
+
+def await_record(client: redis.Redis, key: str, predicate: Any, timeout: float = 30) -> dict[str, str]:
+    """Block until the record hash at ``key`` satisfies ``predicate``; return its fields.
+
+    Driven by Redis keyspace notifications on the test's private server, so the
+    wait ends on the change itself, not on a polling interval.
+    """
+    import time
+
+    client.config_set("notify-keyspace-events", "Khg")
+    db = client.connection_pool.connection_kwargs.get("db", 0)
+    pubsub = client.pubsub()
+    pubsub.subscribe(f"__keyspace@{db}__:{key}")
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            fields = {_s(k): _s(v) for k, v in client.hgetall(key).items() if _s(k) != "result"}
+            if predicate(fields):
+                return fields
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"record {key} never matched; last seen {fields}")
+            pubsub.get_message(timeout=min(left, 1.0))
+    finally:
+        pubsub.close()
+
+
+def _s(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -1,0 +1,133 @@
+"""The Celery app that test workers run, and that tests use to send tasks.
+
+A worker process builds it from the JSON in ``IDEM_TEST_CONF``; a test builds the
+same app with :func:`make_app` and the same dict, so producer and worker agree.
+Task bodies report to the records' Redis server: ``runs:<label>`` counts executions
+(the side effect the tests count), ``started:<label>`` / ``finished:<label>`` are
+lists the tests block on, and ``gate:<label>`` holds a body until the test opens it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import redis
+from celery import Celery, Task, signals
+
+from celery_idem import IdempotentTask
+
+_clients: dict[tuple[int, str], redis.Redis] = {}
+
+
+def events(url: str) -> redis.Redis:
+    """A client for this process (a fresh one after a fork)."""
+    key = (os.getpid(), url)
+    if key not in _clients:
+        _clients[key] = redis.Redis.from_url(url, decode_responses=True)
+    return _clients[key]
+
+
+def events_url(app: Celery) -> str:
+    """Where bodies report: ``test_events_url``, else the records' server."""
+    return app.conf.get("test_events_url") or app.conf.idempotency_redis_url
+
+
+class Cached(Exception):
+    """A failure the tests configure as cached."""
+
+
+def body(task: Task, label: str, hold: Any = None, fail: str | None = None) -> dict[str, Any]:
+    """The shared body: count the run, report it, optionally wait or fail."""
+    r = events(events_url(task.app))
+    lease = getattr(task, "idempotency", None)
+    token = lease.token if lease is not None else None
+    runs = r.incr(f"runs:{label}")
+    report = {
+        "label": label,
+        "pid": os.getpid(),
+        "token": token,
+        "task_id": task.request.id,
+        "run": runs,
+        "retries": task.request.retries,
+    }
+    r.rpush(f"started:{label}", json.dumps(report))
+    if hold == "gate":
+        if r.blpop([f"gate:{label}"], timeout=120) is None:
+            raise RuntimeError(f"gate:{label} was never opened")
+    elif hold:
+        time.sleep(hold)  # the task's own work takes this long
+    if fail == "cached":
+        raise Cached(label)
+    if fail == "error":
+        raise ValueError(label)
+    if fail == "retry_once" and runs == 1:
+        raise task.retry(countdown=0.1)
+    r.rpush(f"finished:{label}", json.dumps(report))
+    return report
+
+
+def make_app(conf: dict[str, Any]) -> Celery:
+    """Build the test app from ``conf`` (broker, Redis, and any idempotency settings)."""
+    app = Celery("worker_app", set_as_current=False)
+    app.conf.update(
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        worker_prefetch_multiplier=1,
+        worker_hijack_root_logger=False,
+        broker_connection_retry_on_startup=True,
+        result_expires=None,
+    )
+    app.conf.update(conf)
+
+    @app.task(base=IdempotentTask, bind=True, shared=False, name="t.by_id")
+    def by_id(self: Task, label: str, hold: Any = None, fail: str | None = None) -> dict[str, Any]:
+        return body(self, label, hold, fail)
+
+    @app.task(base=IdempotentTask, bind=True, shared=False, name="t.by_args", idempotency_key="args")
+    def by_args(self: Task, label: str, hold: Any = None, fail: str | None = None) -> dict[str, Any]:
+        return body(self, label, hold, fail)
+
+    @app.task(base=IdempotentTask, bind=True, shared=False, name="t.by_label", idempotency_key=("label",))
+    def by_label(self: Task, label: str, hold: Any = None, fail: str | None = None) -> dict[str, Any]:
+        return body(self, label, hold, fail)
+
+    @app.task(
+        base=IdempotentTask,
+        bind=True,
+        shared=False,
+        name="t.cached_errors",
+        idempotency_key=("label",),
+        idempotency_cache_errors=(Cached,),
+    )
+    def cached_errors(self: Task, label: str, hold: Any = None, fail: str | None = None) -> dict[str, Any]:
+        return body(self, label, hold, fail)
+
+    @app.task(bind=True, shared=False, name="t.plain", acks_late=True, reject_on_worker_lost=True)
+    def plain(self: Task, label: str, hold: Any = None, fail: str | None = None) -> dict[str, Any]:
+        return body(self, label, hold, fail)
+
+    @app.task(base=IdempotentTask, bind=True, shared=False, name="t.step")
+    def step(self: Task, previous: Any, label: str) -> list[Any]:
+        body(self, label)
+        return [*(previous or []), label]
+
+    return app
+
+
+@signals.task_retry.connect(weak=False)
+def _announce_retry(sender: Any = None, request: Any = None, **kwargs: Any) -> None:
+    if request is not None and request.args:
+        events(events_url(sender.app)).rpush(f"retried:{request.args[0]}", request.id)
+
+
+@signals.worker_ready.connect(weak=False)
+def _announce_ready(sender: Any = None, **kwargs: Any) -> None:
+    r = events(events_url(sender.app))
+    r.rpush(f"ready:{sender.hostname}", "1")
+
+
+app = make_app(json.loads(os.environ.get("IDEM_TEST_CONF", "{}")))
