@@ -1,7 +1,20 @@
-"""Celery signal handlers: validate at worker start, reset after fork, free revoked keys.
+"""Signals celery_idem sends, and the Celery signals it handles.
 
-Connected when ``celery_idem`` is imported, which every module defining an
-:class:`~celery_idem.IdempotentTask` does.
+Our signals, for metrics and logs (receivers get ``sender`` = the task and the
+keyword arguments listed):
+
+* :data:`task_replayed`: a delivery returned a recorded outcome without running
+  (``request``, ``key``, ``token``, ``failed``);
+* :data:`task_conflict`: a delivery found a live run holding its key
+  (``request``, ``key``, ``holder``, ``policy``);
+* :data:`lease_taken_over`: a delivery took over the key of a run that stopped
+  renewing its lease (``request``, ``key``, ``token``);
+* :data:`lease_lost`: a run finished but could not commit, because another run
+  took its key over (``request``, ``key``, ``token``).
+
+Celery hooks, connected when ``celery_idem`` is imported: validate options at
+worker start, give forked pool processes their own connections, and free the key
+of a run terminated by ``revoke(terminate=True)``.
 """
 
 from __future__ import annotations
@@ -9,17 +22,32 @@ from __future__ import annotations
 from typing import Any
 
 from celery import signals
+from celery.utils.dispatch import Signal
 from celery.utils.log import get_logger
 
 from .config import check_app_settings, resolve
 from .errors import ImproperlyConfigured
 from .lease import reset_renewer
 from .store import BACKEND_ERRORS, describe_error, reset_stores
-from .task import IdempotentTask
 
-__all__ = ["release_revoked", "reset_after_fork", "validate_on_worker_start"]
+__all__ = [
+    "lease_lost",
+    "lease_taken_over",
+    "release_revoked",
+    "reset_after_fork",
+    "task_conflict",
+    "task_replayed",
+    "validate_on_worker_start",
+]
 
 logger = get_logger(__name__)
+
+task_replayed = Signal(name="celery_idem.task_replayed", providing_args={"request", "key", "token", "failed"})
+task_conflict = Signal(
+    name="celery_idem.task_conflict", providing_args={"request", "key", "holder", "policy"}
+)
+lease_taken_over = Signal(name="celery_idem.lease_taken_over", providing_args={"request", "key", "token"})
+lease_lost = Signal(name="celery_idem.lease_lost", providing_args={"request", "key", "token"})
 
 
 @signals.worker_init.connect(weak=False)
@@ -31,6 +59,8 @@ def validate_on_worker_start(sender: Any = None, **kwargs: Any) -> None:
     :class:`~celery_idem.errors.ImproperlyConfigured` message: Celery logs and
     swallows exceptions raised by signal handlers, so this one exits instead.
     """
+    from .task import IdempotentTask
+
     app = sender.app
     try:
         check_app_settings(app)
@@ -51,6 +81,8 @@ def reset_after_fork(**kwargs: Any) -> None:
 @signals.task_revoked.connect(weak=False)
 def release_revoked(sender: Any = None, request: Any = None, terminated: bool = False, **kwargs: Any) -> None:
     """Free the key of a run killed by ``revoke(terminate=True)`` instead of waiting out its lease."""
+    from .task import IdempotentTask
+
     if not terminated or not isinstance(sender, IdempotentTask) or request is None:
         return
     try:

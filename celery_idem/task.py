@@ -22,6 +22,7 @@ from celery.exceptions import Ignore, Reject, Retry, TaskPredicate
 from celery.utils.log import get_logger
 from kombu.serialization import prepare_accept_content
 
+from . import signals
 from .codec import decode_failure, decode_result, encode_failure, encode_result
 from .config import IdempotencyConfig, resolve
 from .errors import (
@@ -193,6 +194,9 @@ class IdempotentTask(Task):  # type: ignore[misc]
             assert isinstance(claim, Busy)
             busy = DuplicateTaskInProgress(key, claim.holder, claim.lease_left)
             policy = config.on_conflict
+            signals.task_conflict.send(
+                sender=self, request=request, key=key, holder=claim.holder, policy=policy
+            )
             if claim.holder == request.id and not request.is_eager:
                 # A redelivery of the very message being run (visibility timeout, or a
                 # republish with the same id). Raising or dropping it would record a
@@ -240,6 +244,7 @@ class IdempotentTask(Task):  # type: ignore[misc]
         kwargs: dict[str, Any],
     ) -> Any:
         if claim.taken_over:
+            signals.lease_taken_over.send(sender=self, request=request, key=key, token=claim.token)
             logger.warning(
                 "celery-idem: %s[%s] took over %s from a run that stopped renewing its lease (token %d)",
                 self.name,
@@ -284,6 +289,7 @@ class IdempotentTask(Task):  # type: ignore[misc]
                 lease.store.commit(lease.key, lease.token, failed, outcome, lease.keep_ms)
             except LeaseLost:
                 lease.settled = True
+                signals.lease_lost.send(sender=self, request=self.request, key=lease.key, token=lease.token)
                 logger.error(
                     "celery-idem: %s[%s] lost its lease on %s", self.name, self.request.id, lease.key
                 )
@@ -317,6 +323,9 @@ class IdempotentTask(Task):  # type: ignore[misc]
 
     def _replay(self, key: str, finished: Finished) -> Any:
         accept = prepare_accept_content(self.app.conf.accept_content)
+        signals.task_replayed.send(
+            sender=self, request=self.request, key=key, token=finished.token, failed=finished.failed
+        )
         logger.info(
             "celery-idem: %s[%s] already ran (token %d); returning its recorded %s",
             self.name,

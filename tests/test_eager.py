@@ -275,3 +275,100 @@ def test_threads_share_one_run(eager, events):
         results = list(pool.map(lambda _: call(), range(8)))
     assert all(r == results[0] for r in results)
     assert runs(events, "t") == 1
+
+
+def test_replays_and_conflicts_are_signalled(eager, events):
+    from celery_idem import signals
+
+    app = eager(idempotency_on_conflict="raise")
+    task = app.tasks["t.by_label"]
+    seen = []
+
+    def on_replay(sender, key, token, failed, **kwargs):
+        seen.append(("replayed", sender.name, token, failed))
+
+    def on_conflict(sender, key, holder, policy, **kwargs):
+        seen.append(("conflict", sender.name, policy))
+
+    signals.task_replayed.connect(on_replay)
+    signals.task_conflict.connect(on_conflict)
+    try:
+        holder = hold_in_thread(task, "sg")
+        next_report(events, "started", "sg")
+        with pytest.raises(DuplicateTaskInProgress):
+            task.delay("sg")
+        events.rpush("gate:sg", "open")
+        holder.result(30)
+        value(task.delay("sg"))
+    finally:
+        signals.task_replayed.disconnect(on_replay)
+        signals.task_conflict.disconnect(on_conflict)
+    assert seen == [("conflict", "t.by_label", "raise"), ("replayed", "t.by_label", 1, False)]
+
+
+def _hold_then_report_lost(redis_url):
+    import json
+
+    from celery_idem import signals
+    from tests.worker_app import events as events_client
+
+    client = events_client(redis_url)
+    signals.lease_lost.connect(
+        lambda sender, key, token, **kw: client.rpush("lost:ls", json.dumps(token)), weak=False
+    )
+    app = make_app(
+        {
+            "broker_url": "memory://",
+            "task_always_eager": True,
+            "idempotency_redis_url": redis_url,
+            "idempotency_lock_ttl": 0.3,
+        }
+    )
+    app.tasks["t.by_label"].delay("ls", hold="gate")
+
+
+def test_a_stalled_holder_is_taken_over_and_its_commit_is_refused(redis_url, events):
+    import json
+    import multiprocessing
+    import os
+    import signal
+
+    from celery_idem import signals
+
+    taken = []
+    signals.lease_taken_over.connect(lambda sender, key, token, **kw: taken.append(token), weak=False)
+    stalled = multiprocessing.get_context("fork").Process(target=_hold_then_report_lost, args=(redis_url,))
+    stalled.start()
+    try:
+        first = next_report(events, "started", "ls")
+        os.kill(stalled.pid, signal.SIGSTOP)  # no renewals from here on
+        app = make_app(
+            {
+                "broker_url": "memory://",
+                "task_always_eager": True,
+                "task_eager_propagates": True,
+                "idempotency_redis_url": redis_url,
+                "idempotency_lock_ttl": 0.3,
+                "idempotency_on_conflict": "wait",
+            }
+        )
+        winner = value(app.tasks["t.by_label"].delay("ls"))
+    finally:
+        os.kill(stalled.pid, signal.SIGCONT)
+    assert winner["token"] == first["token"] + 1 and taken[-1] == winner["token"]
+    events.rpush("gate:ls", "open")
+    assert json.loads(events.blpop(["lost:ls"], timeout=30)[1]) == first["token"]
+    stalled.join(30)
+    assert runs(events, "ls") == 2
+
+
+def test_pool_process_start_gives_fresh_connections_and_renewer(redis_url):
+    from celery import signals as celery_signals
+
+    from celery_idem.lease import renewer
+    from celery_idem.store import store_for
+
+    store, keeper = store_for(redis_url, {}), renewer()
+    celery_signals.worker_process_init.send(sender="test")
+    assert store_for(redis_url, {}) is not store
+    assert renewer() is not keeper

@@ -325,3 +325,66 @@ def test_backend_error_run_runs_unprotected(start_worker, producer, worker_conf,
     records_redis.stop()
     assert app.tasks["t.by_label"].delay("run").get(timeout=30)["token"] is None
     assert runs(events, "run") == 1
+
+
+def test_callable_key_deduplicates_what_the_function_says_is_one_call(
+    start_worker, producer, worker_conf, events
+):
+    start_worker(worker_conf)
+    app = producer()
+    task = app.tasks["t.by_callable"]
+    first = task.delay("fn", hold=None).get(timeout=30)
+    assert task.delay("fn", hold=0).get(timeout=30) == first
+    assert runs(events, "fn") == 1
+
+
+def test_per_call_key_override_travels_in_the_header(start_worker, producer, worker_conf, events):
+    start_worker(worker_conf)
+    app = producer()
+    task = app.tasks["t.by_id"]
+    first = task.apply_async(("ov",), idempotency_key="payment-42").get(timeout=30)
+    again = task.apply_async(("ov",), idempotency_key="payment-42").get(timeout=30)
+    other = task.apply_async(("ov",), idempotency_key="payment-43").get(timeout=30)
+    assert again == first and other["run"] == 2
+    assert runs(events, "ov") == 2
+
+
+def test_send_task_by_name_without_header_is_protected_by_the_worker(
+    start_worker, producer, worker_conf, events
+):
+    start_worker(worker_conf)
+    app = producer()
+    first = app.send_task("t.by_args", ("st",)).get(timeout=30)
+    again = app.send_task("t.by_args", ("st",), {"hold": None}).get(timeout=30)
+    stamped = app.tasks["t.by_args"].delay("st").get(timeout=30)
+    assert again == first == stamped
+    assert runs(events, "st") == 1
+
+
+def test_duplicate_callbacks_receive_the_cached_result(start_worker, producer, worker_conf, events):
+    start_worker(worker_conf)
+    app = producer()
+    step = app.tasks["t.step"]
+    first = app.tasks["t.by_args"].apply_async(("cb",), link=step.s("after-first"))
+    report = first.get(timeout=30)
+    late = app.tasks["t.by_args"].apply_async(("cb",), link=step.s("after-late"))
+    assert late.get(timeout=30) == report
+    assert next_report(events, "finished", "after-first")["run"] == 1
+    assert next_report(events, "finished", "after-late")["run"] == 1
+    assert runs(events, "cb") == 1
+
+
+def test_commit_survives_a_redis_restart_after_the_body_ran(start_worker, producer, worker_conf, events):
+    with RedisServer(appendonly=True) as records:
+        conf = {**worker_conf, "idempotency_redis_url": records.url, "idempotency_lock_ttl": 20}
+        start_worker(conf)
+        app = producer(conf)
+        result = app.tasks["t.by_label"].apply_async(("rs",), {"hold": "gate"})
+        next_report(events, "started", "rs")
+        records.stop()
+        events.rpush("gate:rs", "open")
+        next_report(events, "finished", "rs")  # the body returned; the commit now fails
+        records.start()
+        report = result.get(timeout=60)
+        assert app.tasks["t.by_label"].delay("rs").get(timeout=30) == report
+        assert runs(events, "rs") == 1

@@ -106,6 +106,16 @@ def make_app(conf: dict[str, Any]) -> Celery:
     def cached_errors(self: Task, label: str, hold: Any = None, fail: str | None = None) -> dict[str, Any]:
         return body(self, label, hold, fail)
 
+    @app.task(
+        base=IdempotentTask,
+        bind=True,
+        shared=False,
+        name="t.by_callable",
+        idempotency_key=lambda label, hold=None, fail=None: f"order-{label}",
+    )
+    def by_callable(self: Task, label: str, hold: Any = None, fail: str | None = None) -> dict[str, Any]:
+        return body(self, label, hold, fail)
+
     @app.task(bind=True, shared=False, name="t.plain", acks_late=True, reject_on_worker_lost=True)
     def plain(self: Task, label: str, hold: Any = None, fail: str | None = None) -> dict[str, Any]:
         return body(self, label, hold, fail)
