@@ -54,6 +54,7 @@ def body(task: Task, label: str, hold: Any = None, fail: str | None = None) -> d
         "retries": task.request.retries,
     }
     r.rpush(f"started:{label}", json.dumps(report))
+    r.rpush("starts", json.dumps(report))
     if hold == "gate":
         if r.blpop([f"gate:{label}"], timeout=120) is None:
             raise RuntimeError(f"gate:{label} was never opened")
@@ -65,6 +66,7 @@ def body(task: Task, label: str, hold: Any = None, fail: str | None = None) -> d
         raise ValueError(label)
     if fail == "retry_once" and runs == 1:
         raise task.retry(countdown=0.1)
+    r.hincrby("effects", label, 1)  # the side effect the chaos tests count
     r.rpush(f"finished:{label}", json.dumps(report))
     return report
 

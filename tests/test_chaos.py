@@ -1,0 +1,239 @@
+"""Duplicate storms against real workers on real brokers, under crashes.
+
+Every scenario counts side effects: a body that completes adds one to
+``effects[label]`` just before returning. At the end every label must have exactly
+one effect (none duplicated, none lost) and every message sent must have succeeded.
+
+Kills are aimed at pool processes that reported starting a body and are still in
+it (bodies work for a few hundred milliseconds), so they land mid-task, before the
+side effect; a crash between a side effect and its commit re-runs the body, which
+the README states as a limit.
+
+The RabbitMQ variants need RabbitMQ at amqp://guest:guest@127.0.0.1:5672//; they
+skip with a reason when it is absent, except under CI (``CI`` set), where they fail.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import threading
+import uuid
+from typing import Any
+
+import pytest
+import redis
+from kombu import Connection
+
+from celery_idem.testing import RedisServer
+from tests.conftest import redis_db
+
+pytestmark = pytest.mark.chaos
+
+RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672//"
+
+
+def rabbitmq_available() -> bool:
+    try:
+        with Connection(RABBITMQ_URL, connect_timeout=2) as connection:
+            connection.ensure_connection(max_retries=1)
+        return True
+    except Exception:
+        return False
+
+
+@pytest.fixture(params=["redis", "rabbitmq"])
+def broker_conf(request: pytest.FixtureRequest, redis_url: str) -> dict[str, Any]:
+    """Worker settings for one broker, with a queue of this test's own."""
+    queue = f"chaos-{uuid.uuid4().hex[:12]}"
+    if request.param == "rabbitmq":
+        if not rabbitmq_available():
+            if os.environ.get("CI"):
+                pytest.fail(f"RabbitMQ is not reachable at {RABBITMQ_URL} and CI is set")
+            pytest.skip(f"RabbitMQ is not reachable at {RABBITMQ_URL}")
+        broker = {"broker_url": RABBITMQ_URL}
+    else:
+        broker = {
+            "broker_url": redis_db(redis_url, 1),
+            # A SIGKILLed worker's unacked messages come back after this.
+            "broker_transport_options": {
+                "visibility_timeout": 5,
+                "unacked_restore_interval": 1,
+                "unacked_restore_throttle": 1,
+            },
+        }
+    yield {
+        **broker,
+        "result_backend": redis_db(redis_url, 2),
+        "idempotency_redis_url": redis_url,
+        "test_events_url": redis_url,
+        "idempotency_lock_ttl": 2,
+        "task_default_queue": queue,
+    }
+    if request.param == "rabbitmq":
+        with Connection(RABBITMQ_URL) as connection:
+            connection.default_channel.queue_delete(queue)
+
+
+class Killer(threading.Thread):
+    """SIGKILLs every ``every``-th pool process seen starting a body, while it works."""
+
+    def __init__(self, events: redis.Redis, every: int, limit: int) -> None:
+        super().__init__(daemon=True)
+        self.events = events
+        self.every = every
+        self.limit = limit
+        self.kills = 0
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        seen = 0
+        while not self.done.is_set() and self.kills < self.limit:
+            item = self.events.blpop(["starts"], timeout=1)
+            if item is None:
+                continue
+            seen += 1
+            if seen % self.every == 0:
+                try:
+                    os.kill(json.loads(item[1])["pid"], signal.SIGKILL)
+                    self.kills += 1
+                except ProcessLookupError:
+                    pass
+
+    def stop(self) -> None:
+        self.done.set()
+        self.join(10)
+
+
+def assert_exactly_once(events: redis.Redis, labels: set[str]) -> None:
+    effects = {label: int(count) for label, count in events.hgetall("effects").items()}
+    duplicated = {label: n for label, n in effects.items() if n > 1}
+    lost = sorted(label for label in labels if effects.get(label, 0) == 0)
+    assert not duplicated, f"side effects duplicated: {duplicated}"
+    assert not lost, f"side effects lost: {lost}"
+    assert set(effects) == labels
+
+
+def work() -> float:
+    return random.uniform(0.2, 0.5)
+
+
+def test_redelivery_storm_with_killed_pool_processes_and_workers(start_worker, producer, broker_conf, events):
+    conf = broker_conf
+    workers = [start_worker(conf, concurrency=2), start_worker(conf, concurrency=2)]
+    app = producer(conf)
+    task = app.tasks["t.by_id"]
+    killer = Killer(events, every=15, limit=6)
+    killer.start()
+    labels = {f"r{i}" for i in range(120)}
+    results = []
+    for label in sorted(labels):
+        task_id = f"id-{label}"
+        results.append(task.apply_async((label,), {"hold": work()}, task_id=task_id))
+        if label.endswith(("3", "7")):  # a producer republishing after a timeout
+            results.append(task.apply_async((label,), {"hold": work()}, task_id=task_id))
+    # One whole worker dies mid-storm (main process and children) and comes back.
+    events.blpop(["starts"], timeout=60)
+    workers[0].kill()
+    workers[0] = start_worker(conf, concurrency=2)
+    try:
+        for result in results:
+            result.get(timeout=180)
+    finally:
+        killer.stop()
+    assert killer.kills > 0
+    assert_exactly_once(events, labels)
+
+
+def test_resubmitted_arguments_under_fresh_ids_run_once(start_worker, producer, broker_conf, events):
+    start_worker(broker_conf, concurrency=2)
+    start_worker(broker_conf, concurrency=2)
+    app = producer(broker_conf)
+    task = app.tasks["t.by_args"]
+    killer = Killer(events, every=20, limit=3)
+    killer.start()
+    labels = {f"s{i}" for i in range(60)}
+    results = [task.apply_async((label, 0.3)) for label in sorted(labels) for _ in range(3)]
+    try:
+        values = {}
+        for result in results:
+            value = result.get(timeout=180)
+            values.setdefault(value["label"], value)
+            assert value == values[value["label"]]
+    finally:
+        killer.stop()
+    assert_exactly_once(events, labels)
+
+
+def test_late_resends_after_completion_are_served_from_the_record(start_worker, producer, broker_conf, events):
+    start_worker(broker_conf, concurrency=2)
+    app = producer(broker_conf)
+    by_id, by_args = app.tasks["t.by_id"], app.tasks["t.by_args"]
+    firsts = {}
+    for i in range(40):
+        firsts[f"i{i}"] = by_id.apply_async((f"i{i}",), task_id=f"late-{i}")
+        firsts[f"a{i}"] = by_args.apply_async((f"a{i}",))
+    first_values = {label: result.get(timeout=120) for label, result in firsts.items()}
+    late = []
+    for i in range(40):
+        late.append((f"i{i}", by_id.apply_async((f"i{i}",), task_id=f"late-{i}")))
+        late.append((f"a{i}", by_args.apply_async((f"a{i}",))))
+    for label, result in late:
+        assert result.get(timeout=120) == first_values[label]
+    assert_exactly_once(events, set(firsts))
+
+
+def test_visibility_timeout_redeliveries_of_running_tasks(start_worker, producer, worker_conf, events):
+    conf = {
+        **worker_conf,
+        "broker_transport_options": {
+            "visibility_timeout": 2,
+            "unacked_restore_interval": 1,
+            "unacked_restore_throttle": 1,
+        },
+    }
+    start_worker(conf, concurrency=4)
+    start_worker(conf, concurrency=4)
+    app = producer(conf)
+    task = app.tasks["t.by_id"]
+    labels = {f"v{i}" for i in range(24)}
+    results = [task.apply_async((label,), {"hold": random.uniform(0.5, 4)}) for label in sorted(labels)]
+    for result in results:
+        result.get(timeout=180)
+    assert_exactly_once(events, labels)
+
+
+def test_records_redis_restarted_mid_run_loses_and_duplicates_nothing(start_worker, producer, broker_conf, events):
+    with RedisServer(appendonly=True) as records:
+        conf = {**broker_conf, "idempotency_redis_url": records.url, "idempotency_lock_ttl": 10}
+        start_worker(conf, concurrency=2)
+        start_worker(conf, concurrency=2)
+        app = producer(conf)
+        task = app.tasks["t.by_label"]
+        labels = [f"x{i}" for i in range(80)]
+        results = [task.apply_async((label, work())) for label in labels]
+        for _ in range(10):
+            events.blpop(["starts"], timeout=60)
+        records.restart()
+        results += [task.apply_async((label, work())) for label in labels]  # duplicates, across the restart
+        for result in results:
+            result.get(timeout=180)
+        assert_exactly_once(events, set(labels))
+
+
+def test_chain_whose_first_message_is_redelivered_runs_every_step_once(start_worker, producer, broker_conf, events):
+    start_worker(broker_conf, concurrency=2)
+    app = producer(broker_conf)
+    step = app.tasks["t.step"]
+    workflows = []
+    for i in range(10):
+        workflow = step.s(None, f"c{i}-1") | step.s(f"c{i}-2") | step.s(f"c{i}-3")
+        workflow.freeze()
+        workflows.append(workflow)
+    firsts = [workflow.apply_async() for workflow in workflows]
+    redelivered = [workflow.apply_async() for workflow in workflows]  # same ids, while the first runs
+    for first, again in zip(firsts, redelivered):
+        assert again.get(timeout=120) == first.get(timeout=120)
+    assert_exactly_once(events, {f"c{i}-{n}" for i in range(10) for n in (1, 2, 3)})
