@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import random
 import time
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NoReturn
 
 from celery import Task, states
 from celery.exceptions import Ignore, Reject, Retry, TaskPredicate
@@ -193,15 +193,16 @@ class IdempotentTask(Task):  # type: ignore[misc]
 
             assert isinstance(claim, Busy)
             busy = DuplicateTaskInProgress(key, claim.holder, claim.lease_left)
-            policy = config.on_conflict
+            # A redelivery of the very message being run (visibility timeout, or a
+            # republish with the same id) is always re-queued until the holder
+            # finishes: raising or dropping it would record a failure under the
+            # running task's id, or lose the work if the holder then died.
+            same_message = claim.holder == request.id and not request.is_eager
+            policy = "retry" if same_message else config.on_conflict
             signals.task_conflict.send(
                 sender=self, request=request, key=key, holder=claim.holder, policy=policy
             )
-            if claim.holder == request.id and not request.is_eager:
-                # A redelivery of the very message being run (visibility timeout, or a
-                # republish with the same id). Raising or dropping it would record a
-                # failure under the running task's id, or lose the work if the holder
-                # then dies; it is re-queued until the holder finishes.
+            if same_message:
                 self._requeue(
                     request, material, self._conflict_delay(config, request, claim), busy, quiet=True
                 )
@@ -371,7 +372,7 @@ class IdempotentTask(Task):  # type: ignore[misc]
             delay = min(delay, visibility / 2)
         return float(delay * random.uniform(0.8, 1.0))
 
-    def _requeue(self, request: Any, material: str, delay: float, reason: Exception, quiet: bool) -> Any:
+    def _requeue(self, request: Any, material: str, delay: float, reason: Exception, quiet: bool) -> NoReturn:
         """Send this delivery again after ``delay`` seconds without using the retry budget."""
         headers = dict(request.headers or {})
         headers[KEY_HEADER] = material
