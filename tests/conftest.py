@@ -40,7 +40,7 @@ def redis_url(redis_server: RedisServer) -> str:
 
 @pytest.fixture
 def events(redis_url: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    client = redis.Redis.from_url(redis_url, decode_responses=True, socket_timeout=None)
     yield client
     client.close()
 

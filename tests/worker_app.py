@@ -26,7 +26,7 @@ def events(url: str) -> redis.Redis:
     """A client for this process (a fresh one after a fork)."""
     key = (os.getpid(), url)
     if key not in _clients:
-        _clients[key] = redis.Redis.from_url(url, decode_responses=True)
+        _clients[key] = redis.Redis.from_url(url, decode_responses=True, socket_timeout=None)
     return _clients[key]
 
 
