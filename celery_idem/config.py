@@ -27,10 +27,12 @@ if TYPE_CHECKING:
     from celery import Celery
 
 __all__ = [
+    "APP_DEFAULTS",
     "BACKEND_ERROR_POLICIES",
     "CONFLICT_POLICIES",
     "DEFAULTS",
     "IdempotencyConfig",
+    "atomic_fetch_transport",
     "check_app_settings",
     "default_redis_url",
     "resolve",
@@ -51,6 +53,15 @@ DEFAULTS: Mapping[str, Any] = MappingProxyType(
         "idempotency_on_backend_error": "retry",
         "idempotency_cache_errors": (),
         "idempotency_max_result_bytes": 1048576,
+    }
+)
+
+#: Settings of the whole app (``app.conf`` only), with their defaults.
+APP_DEFAULTS: Mapping[str, Any] = MappingProxyType(
+    {
+        # Workers of an app with a redis:// or rediss:// broker fetch messages with
+        # celery_idem.broker.Transport, which cannot lose a fetched message.
+        "idempotency_atomic_redis_fetch": True,
     }
 )
 
@@ -95,7 +106,7 @@ def resolve(app: Celery, task_cls: type) -> IdempotencyConfig:
     option, including misspelled option names on the task or in ``app.conf``.
     """
     check_app_settings(app)
-    _check_names(_class_attributes(task_cls), f"task {getattr(task_cls, 'name', task_cls)}")
+    _check_names(_class_attributes(task_cls), f"task {getattr(task_cls, 'name', task_cls)}", DEFAULTS)
     conf = app.conf
     raw: dict[str, Any] = {}
     for name, default in DEFAULTS.items():
@@ -136,7 +147,30 @@ def check_app_settings(app: Celery) -> None:
                 continue
             name = name[len(prefix) :]
         names.append(name)
-    _check_names(names, "app.conf")
+    _check_names(names, "app.conf", {**DEFAULTS, **APP_DEFAULTS})
+
+
+def atomic_fetch_transport(app: Celery) -> str | None:
+    """The transport workers of ``app`` should use, or None to leave Celery's choice.
+
+    ``celery_idem.broker:Transport`` when ``idempotency_atomic_redis_fetch`` is on, the
+    broker is ``redis://`` or ``rediss://``, and the app does not choose a transport
+    itself (``broker_transport``).
+    """
+    conf = app.conf
+    enabled = conf.get("idempotency_atomic_redis_fetch")
+    if enabled is None:
+        enabled = APP_DEFAULTS["idempotency_atomic_redis_fetch"]
+    if not isinstance(enabled, bool):
+        raise ImproperlyConfigured(f"idempotency_atomic_redis_fetch must be True or False; got {enabled!r}")
+    url = conf.get("broker_url")
+    if isinstance(url, (list, tuple)):
+        url = url[0] if url else None
+    if not enabled or conf.get("broker_transport") or not isinstance(url, str):
+        return None
+    if urlsplit(url.split(";")[0].strip()).scheme not in ("redis", "rediss"):
+        return None
+    return "celery_idem.broker:Transport"
 
 
 def default_redis_url(app: Celery) -> str:
@@ -155,14 +189,14 @@ def default_redis_url(app: Celery) -> str:
     return _FALLBACK_URL
 
 
-def _check_names(names: Iterable[str], where: str) -> None:
+def _check_names(names: Iterable[str], where: str, known: Mapping[str, Any]) -> None:
     for name in names:
-        if name.startswith("idempotency_") and name not in DEFAULTS:
-            close = difflib.get_close_matches(name, list(DEFAULTS), n=1)
+        if name.startswith("idempotency_") and name not in known:
+            close = difflib.get_close_matches(name, list(known), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise ImproperlyConfigured(
                 f"{where} sets {name!r}, which is not a celery_idem option{hint} "
-                f"(options: {', '.join(DEFAULTS)})"
+                f"(options: {', '.join(known)})"
             )
 
 

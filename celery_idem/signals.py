@@ -25,7 +25,8 @@ from celery import signals
 from celery.utils.dispatch import Signal
 from celery.utils.log import get_logger
 
-from .config import check_app_settings, resolve
+from .broker import supported
+from .config import atomic_fetch_transport, check_app_settings, resolve
 from .errors import ImproperlyConfigured
 from .lease import reset_renewer
 from .store import BACKEND_ERRORS, describe_error, reset_stores
@@ -54,6 +55,9 @@ lease_lost = Signal(name="celery_idem.lease_lost", providing_args={"request", "k
 def validate_on_worker_start(sender: Any = None, **kwargs: Any) -> None:
     """Re-resolve every idempotent task's options against the worker's final config.
 
+    Also switches a Redis broker to :class:`celery_idem.broker.Transport`, whose
+    fetch cannot lose a message (see ``idempotency_atomic_redis_fetch``).
+
     Settings may change after the tasks were bound (in ``celeryd_init`` handlers,
     say), so they are resolved again here. A bad setting stops the worker with the
     :class:`~celery_idem.errors.ImproperlyConfigured` message: Celery logs and
@@ -67,8 +71,13 @@ def validate_on_worker_start(sender: Any = None, **kwargs: Any) -> None:
         for task in app.tasks.values():
             if isinstance(task, IdempotentTask):
                 type(task)._resolved_idempotency = resolve(app, type(task))
+        transport = atomic_fetch_transport(app)
     except ImproperlyConfigured as exc:
         raise SystemExit(f"celery-idem: {exc}") from exc
+    if transport is not None and supported():
+        # Before the consumer connects: every connection it opens uses this transport.
+        app.conf.broker_transport = transport
+        logger.info("celery-idem: fetching messages with %s", transport)
 
 
 @signals.worker_process_init.connect(weak=False)

@@ -127,17 +127,20 @@ def test_redelivery_storm_with_killed_pool_processes_and_workers(start_worker, p
     task = app.tasks["t.by_id"]
     killer = Killer(events, every=15, limit=6)
     killer.start()
-    labels = {f"r{i}" for i in range(120)}
+    labels = {f"r{i}" for i in range(200)}
     results = []
     for label in sorted(labels):
         task_id = f"id-{label}"
         results.append(task.apply_async((label,), {"hold": work()}, task_id=task_id))
         if label.endswith(("3", "7")):  # a producer republishing after a timeout
             results.append(task.apply_async((label,), {"hold": work()}, task_id=task_id))
-    # One whole worker dies mid-storm (main process and children) and comes back.
-    events.blpop(["starts"], timeout=60)
-    workers[0].kill()
-    workers[0] = start_worker(conf, concurrency=2)
+    # Whole workers die mid-storm (main process and children) and come back, while
+    # fetching, running and acknowledging messages.
+    for round_ in range(3):
+        for _ in range(10):
+            events.blpop(["starts"], timeout=60)
+        workers[round_ % 2].kill()
+        workers[round_ % 2] = start_worker(conf, concurrency=2)
     try:
         for result in results:
             result.get(timeout=180)
@@ -167,7 +170,9 @@ def test_resubmitted_arguments_under_fresh_ids_run_once(start_worker, producer, 
     assert_exactly_once(events, labels)
 
 
-def test_late_resends_after_completion_are_served_from_the_record(start_worker, producer, broker_conf, events):
+def test_late_resends_after_completion_are_served_from_the_record(
+    start_worker, producer, broker_conf, events
+):
     start_worker(broker_conf, concurrency=2)
     app = producer(broker_conf)
     by_id, by_args = app.tasks["t.by_id"], app.tasks["t.by_args"]
@@ -205,7 +210,9 @@ def test_visibility_timeout_redeliveries_of_running_tasks(start_worker, producer
     assert_exactly_once(events, labels)
 
 
-def test_records_redis_restarted_mid_run_loses_and_duplicates_nothing(start_worker, producer, broker_conf, events):
+def test_records_redis_restarted_mid_run_loses_and_duplicates_nothing(
+    start_worker, producer, broker_conf, events
+):
     with RedisServer(appendonly=True) as records:
         conf = {**broker_conf, "idempotency_redis_url": records.url, "idempotency_lock_ttl": 10}
         start_worker(conf, concurrency=2)
@@ -223,7 +230,9 @@ def test_records_redis_restarted_mid_run_loses_and_duplicates_nothing(start_work
         assert_exactly_once(events, set(labels))
 
 
-def test_chain_whose_first_message_is_redelivered_runs_every_step_once(start_worker, producer, broker_conf, events):
+def test_chain_whose_first_message_is_redelivered_runs_every_step_once(
+    start_worker, producer, broker_conf, events
+):
     start_worker(broker_conf, concurrency=2)
     app = producer(broker_conf)
     step = app.tasks["t.step"]

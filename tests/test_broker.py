@@ -1,0 +1,145 @@
+"""The atomic-fetch Redis transport: a worker dying while it fetches loses nothing."""
+
+from __future__ import annotations
+
+import multiprocessing
+
+import pytest
+import redis
+from celery import Celery
+from kombu import Connection, Consumer, Exchange, Producer, Queue
+
+from celery_idem.broker import Transport
+from celery_idem.config import atomic_fetch_transport
+
+QUEUE = Queue("jobs", Exchange("jobs"), "jobs")
+
+
+def publish(url: str, *bodies: dict) -> None:
+    with Connection(url) as connection:
+        producer = Producer(connection.channel(), exchange=QUEUE.exchange, routing_key="jobs")
+        QUEUE(producer.channel).declare()
+        for body in bodies:
+            producer.publish(body)
+
+
+def _die_right_after_fetching(url: str, transport: str | None) -> None:
+    # The consumer is killed at the worst moment: the message has left its queue,
+    # and kombu has not yet recorded it as unacknowledged.
+    import os
+
+    from kombu.transport import redis as kombu_redis
+
+    kombu_redis.QoS.append = lambda self, message, tag: os._exit(9)
+    with Connection(url, transport=transport) as connection:
+        with Consumer(connection, [QUEUE], callbacks=[lambda body, message: None]):
+            connection.drain_events(timeout=10)
+
+
+def crash_while_fetching(url: str, transport: str | None) -> None:
+    process = multiprocessing.get_context("spawn").Process(
+        target=_die_right_after_fetching, args=(url, transport)
+    )
+    process.start()
+    process.join(30)
+    assert process.exitcode == 9
+
+
+def receive_one(url: str, transport: str | None) -> dict | None:
+    received = []
+    with Connection(url, transport=transport) as connection:
+        with Consumer(
+            connection, [QUEUE], callbacks=[lambda body, message: (received.append(body), message.ack())]
+        ):
+            try:
+                connection.drain_events(timeout=5)
+            except TimeoutError:
+                pass
+    return received[0] if received else None
+
+
+def test_kombus_own_fetch_loses_a_message_when_the_consumer_dies_while_fetching(redis_url, events):
+    # The hazard this transport exists for, shown on kombu's own transport.
+    publish(redis_url, {"n": 1})
+    crash_while_fetching(redis_url, None)
+    assert events.llen("jobs") == 0 and events.hlen("unacked") == 0
+
+
+def test_a_message_fetched_by_a_dying_consumer_is_delivered_again(redis_url, events):
+    transport = "celery_idem.broker:Transport"
+    publish(redis_url, {"n": 1})
+    crash_while_fetching(redis_url, transport)
+    assert events.llen("jobs") == 0 and events.hlen("unacked") == 1
+    # Workers restore unacknowledged messages older than the visibility timeout.
+    with Connection(
+        redis_url, transport=transport, transport_options={"visibility_timeout": 0}
+    ) as connection:
+        connection.channel().qos.restore_visible()
+    assert receive_one(redis_url, transport) == {"n": 1}
+    assert events.hlen("unacked") == 0
+
+
+def test_messages_arrive_in_order_and_are_acknowledged(redis_url, events):
+    transport = "celery_idem.broker:Transport"
+    publish(redis_url, *({"n": n} for n in range(20)))
+    received = []
+    with Connection(redis_url, transport=transport) as connection:
+        channel = connection.channel()
+        assert isinstance(connection.transport, Transport)
+        with Consumer(
+            channel, [QUEUE], callbacks=[lambda body, message: (received.append(body["n"]), message.ack())]
+        ):
+            while len(received) < 20:
+                connection.drain_events(timeout=5)
+    assert received == list(range(20))
+    assert events.hlen("unacked") == 0 and events.zcard("unacked_index") == 0
+
+
+def test_an_idle_consumer_wakes_up_for_a_new_message(redis_url, events):
+    transport = "celery_idem.broker:Transport"
+    publish(redis_url)  # declares the queue
+    received = []
+    with Connection(redis_url, transport=transport) as connection:
+        with Consumer(
+            connection, [QUEUE], callbacks=[lambda body, message: (received.append(body), message.ack())]
+        ):
+            with pytest.raises(TimeoutError):
+                connection.drain_events(timeout=0.5)  # nothing there: it waits
+            publish(redis_url, {"n": "late"})
+            connection.drain_events(timeout=5)
+    assert received == [{"n": "late"}]
+
+
+def test_basic_get_fetches_atomically_too(redis_url, events):
+    publish(redis_url, {"n": 1})
+    with Connection(redis_url, transport="celery_idem.broker:Transport") as connection:
+        message = connection.channel().basic_get("jobs")
+        assert message.payload == {"n": 1}
+        assert events.hlen("unacked") == 1
+        message.ack()
+    assert events.hlen("unacked") == 0
+
+
+def test_the_fetch_script_is_reloaded_after_a_script_flush(redis_url, events):
+    transport = "celery_idem.broker:Transport"
+    publish(redis_url, {"n": 1}, {"n": 2})
+    assert receive_one(redis_url, transport) == {"n": 1}
+    redis.Redis.from_url(redis_url).script_flush()
+    assert receive_one(redis_url, transport) == {"n": 2}
+
+
+@pytest.mark.parametrize(
+    ("conf", "expected"),
+    [
+        ({"broker_url": "redis://localhost:6379/0"}, "celery_idem.broker:Transport"),
+        ({"broker_url": "rediss://localhost:6379/0"}, "celery_idem.broker:Transport"),
+        ({"broker_url": "amqp://guest@localhost//"}, None),
+        ({"broker_url": "sentinel://localhost:26379"}, None),
+        ({"broker_url": "redis://localhost:6379/0", "broker_transport": "redis"}, None),
+        ({"broker_url": "redis://localhost:6379/0", "idempotency_atomic_redis_fetch": False}, None),
+    ],
+)
+def test_workers_of_redis_broker_apps_use_the_atomic_fetch_unless_told_otherwise(conf, expected):
+    app = Celery("b", set_as_current=False)
+    app.conf.update(conf)
+    assert atomic_fetch_transport(app) == expected
