@@ -148,15 +148,6 @@ class Demo:
         for task_base, result in results.items():
             killed = result["killed"]
             print(f"\n{task_base} run: SIGKILLed {killed['hostname']} (pid {killed['pid']}), restarted it")
-            if result["resent"]:
-                count, after = len(result["resent"]), result["resend_after"]
-                plural = count != 1
-                print(
-                    f"  {count} checkout{'s' if plural else ''} had no receipt {after:.0f} s after the kill "
-                    f"and {'were' if plural else 'was'} sent again, with the same task ids (the Redis "
-                    "transport loses a message that a killed worker had taken from the queue but not "
-                    "yet recorded as unacknowledged)"
-                )
         print(f"\nworker logs and outcomes (JSON) in {self.run_dir}:")
         for path in sorted(self.run_dir.iterdir()):
             print(f"  {path.name}")
