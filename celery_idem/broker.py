@@ -15,6 +15,14 @@ RIGHT``, which blocks until the list has a message and leaves it where it is
 (Redis 6.2 or newer); then the script takes it. Everything else (publishing,
 acknowledging, restoring, fan-out) is kombu's.
 
+Kombu restores an unacknowledged message only once it is older than
+``visibility_timeout`` (an hour by default), so the messages of a worker killed as a
+whole wait that long. Here a worker's event loop also keeps a heartbeat key per
+consumer, the fetch script records which consumer took each message, and every
+worker restores, within seconds, the messages of consumers whose heartbeat stopped
+for ``dead_consumer_timeout`` seconds (a transport option, default 30). Messages of
+live consumers are left alone, however long their tasks run.
+
 Use it with ``broker_transport = "celery_idem.broker:Transport"``; workers of an app
 with a ``redis://`` or ``rediss://`` broker use it by default (the
 ``idempotency_atomic_redis_fetch`` setting).
@@ -28,6 +36,7 @@ fetches without waiting.
 from __future__ import annotations
 
 import hashlib
+import uuid
 from importlib import resources
 from queue import Empty
 from time import monotonic, time
@@ -39,7 +48,7 @@ from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import loads
 from redis.exceptions import NoScriptError
 
-__all__ = ["Channel", "Transport", "supported"]
+__all__ = ["Channel", "QoS", "Transport", "beat_and_reap", "supported"]
 
 logger = get_logger(__name__)
 
@@ -48,6 +57,13 @@ _FETCH_SHA = hashlib.sha1(_FETCH_SOURCE.encode()).hexdigest()
 
 #: What the channel sends next on its consumer connection.
 _FETCH, _WAIT = "fetch", "wait"
+
+#: Hash of delivery tag -> id of the consumer that fetched the message.
+OWNERS_KEY = "celery_idem.unacked_owners"
+#: Prefix of each consumer's heartbeat key.
+HEARTBEAT_PREFIX = "celery_idem.consumer."
+#: Default seconds without a heartbeat after which a consumer counts as dead.
+DEAD_CONSUMER_TIMEOUT = 30.0
 
 #: Kombu internals this transport builds on; checked before it is used.
 _NEEDED = ("_brpop_start", "_brpop_read", "_get", "_q_for_pri", "priority_steps", "unacked_key")
@@ -58,13 +74,30 @@ def supported() -> bool:
     return all(hasattr(kombu_redis.Channel, name) for name in _NEEDED)
 
 
+class QoS(kombu_redis.QoS):
+    """Kombu's Redis QoS; forgetting a message also forgets which consumer fetched it."""
+
+    def _remove_from_indices(self, delivery_tag: str, pipe: Any = None) -> Any:
+        pipe = super()._remove_from_indices(delivery_tag, pipe)  # type: ignore[no-untyped-call]
+        return pipe.hdel(OWNERS_KEY, delivery_tag)
+
+
 class Channel(kombu_redis.Channel):
     """Kombu's Redis channel, fetching each message atomically with its registration."""
+
+    QoS = QoS
 
     #: The command outstanding on the consumer connection, and the one to send next.
     _sent: str = _FETCH
     _next: str = _FETCH
     _atomic: bool | None = None
+    #: Set once this consumer's heartbeat key was written: fetches then record it.
+    beating = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
+        #: This consumer's id, recorded with every message it fetches while beating.
+        self.consumer_id = uuid.uuid4().hex
 
     def _brpop_start(self, timeout: float | None = None) -> None:
         if not self._fetches_atomically():
@@ -84,7 +117,7 @@ class Channel(kombu_redis.Channel):
             wait = (timeout or 1) if len(queues) == 1 else min(timeout or 1, 0.2)
             connection.send_command("BLMOVE", lists[0], lists[0], "RIGHT", "RIGHT", wait)
         else:
-            connection.send_command("EVALSHA", _FETCH_SHA, len(lists) + 2, *self._fetch_args(lists))
+            connection.send_command("EVALSHA", _FETCH_SHA, len(lists) + 3, *self._fetch_args(lists))
 
     def _brpop_read(self, **options: Any) -> bool:
         if not self._fetches_atomically():
@@ -123,10 +156,10 @@ class Channel(kombu_redis.Channel):
         lists = self._lists([queue])
         with self.conn_or_acquire() as client:
             try:
-                reply = client.evalsha(_FETCH_SHA, len(lists) + 2, *self._fetch_args(lists))
+                reply = client.evalsha(_FETCH_SHA, len(lists) + 3, *self._fetch_args(lists))
             except NoScriptError:
                 client.script_load(_FETCH_SOURCE)
-                reply = client.evalsha(_FETCH_SHA, len(lists) + 2, *self._fetch_args(lists))
+                reply = client.evalsha(_FETCH_SHA, len(lists) + 3, *self._fetch_args(lists))
         if not reply:
             raise Empty()
         return loads(bytes_to_str(reply[1]))
@@ -139,7 +172,15 @@ class Channel(kombu_redis.Channel):
         ]
 
     def _fetch_args(self, lists: list[str]) -> list[Any]:
-        return [*lists, self.unacked_key, self.unacked_index_key, time()]
+        timeout = getattr(self.connection, "dead_consumer_timeout", None)
+        if timeout is not None and not self.beating:
+            # In a worker's event loop: beat once now, so that this very fetch can
+            # name its consumer; the loop's timer keeps beating from here on.
+            with self.conn_or_acquire() as client:
+                client.set(HEARTBEAT_PREFIX + self.consumer_id, 1, px=int(timeout * 1000))
+            self.beating = True
+        owner = self.consumer_id if self.beating else ""
+        return [*lists, self.unacked_key, self.unacked_index_key, OWNERS_KEY, time(), owner]
 
     def _load_script(self) -> None:
         with self.conn_or_acquire() as client:
@@ -171,6 +212,70 @@ class Channel(kombu_redis.Channel):
 
 
 class Transport(kombu_redis.Transport):
-    """Kombu's Redis transport with :class:`Channel`'s atomic fetch."""
+    """Kombu's Redis transport with :class:`Channel`'s atomic fetch.
+
+    In a worker's event loop it also beats for its consumers and restores the
+    messages of dead ones (see the module's documentation).
+    """
 
     Channel = Channel
+
+    #: Set when the transport joins an event loop, which then keeps heartbeats.
+    dead_consumer_timeout: float | None = None
+
+    def register_with_event_loop(self, connection: Any, loop: Any) -> None:
+        super().register_with_event_loop(connection, loop)  # type: ignore[no-untyped-call]
+        cycle: Any = self.cycle
+        old = getattr(cycle, "_celery_idem_tref", None)
+        if old is not None:
+            old.cancel()
+        timeout = float(
+            connection.client.transport_options.get("dead_consumer_timeout", DEAD_CONSUMER_TIMEOUT)
+        )
+        self.dead_consumer_timeout = timeout
+        cycle._celery_idem_tref = loop.call_repeatedly(
+            max(timeout / 6, 0.1), lambda: beat_and_reap(cycle._channels, timeout)
+        )
+
+
+def beat_and_reap(channels: Any, timeout: float) -> None:
+    """Renew the heartbeats of ``channels`` and restore the messages of dead consumers.
+
+    One pipelined round trip renews every heartbeat; one reads the owners hash;
+    one checks the heartbeats of the other consumers in it. A message whose consumer
+    has no heartbeat is restored with kombu's own (transactional) restore.
+    """
+    consuming = [
+        channel for channel in list(channels) if channel.active_queues and channel._fetches_atomically()
+    ]
+    if not consuming:
+        return
+    first = consuming[0]
+    try:
+        with first.conn_or_acquire() as client:
+            pipe = client.pipeline(transaction=False)
+            for channel in consuming:
+                pipe.set(HEARTBEAT_PREFIX + channel.consumer_id, 1, px=int(timeout * 1000))
+            pipe.execute()
+            for channel in consuming:
+                channel.beating = True
+            owners = {
+                bytes_to_str(tag): bytes_to_str(owner) for tag, owner in client.hgetall(OWNERS_KEY).items()
+            }
+            others = sorted(set(owners.values()) - {channel.consumer_id for channel in consuming})
+            if not others:
+                return
+            pipe = client.pipeline(transaction=False)
+            for owner in others:
+                pipe.exists(HEARTBEAT_PREFIX + owner)
+            dead = {owner for owner, alive in zip(others, pipe.execute()) if not alive}
+            for tag, owner in owners.items():
+                if owner in dead:
+                    first.qos.restore_by_tag(tag, client)
+            if dead:
+                logger.warning(
+                    "celery-idem: restored the messages of %d consumer(s) that stopped beating",
+                    len(dead),
+                )
+    except first.connection_errors:
+        logger.debug("celery-idem: heartbeat skipped, the broker is unreachable", exc_info=True)

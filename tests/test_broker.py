@@ -143,3 +143,51 @@ def test_workers_of_redis_broker_apps_use_the_atomic_fetch_unless_told_otherwise
     app = Celery("b", set_as_current=False)
     app.conf.update(conf)
     assert atomic_fetch_transport(app) == expected
+
+
+def test_a_killed_workers_messages_come_back_without_waiting_for_the_visibility_timeout(
+    start_worker, producer, worker_conf, events
+):
+    from tests.helpers import await_record, next_report, runs
+
+    conf = {
+        **worker_conf,
+        # Kombu alone would bring the message back after an hour.
+        "broker_transport_options": {"visibility_timeout": 3600, "dead_consumer_timeout": 2},
+    }
+    broker = redis.Redis.from_url(conf["broker_url"])
+    doomed = start_worker(conf)
+    app = producer(conf)
+    result = app.tasks["t.by_id"].apply_async(("dc",), {"hold": "gate"})
+    first = next_report(events, "started", "dc")
+    assert broker.hlen("celery_idem.unacked_owners") == 1  # who fetched it
+    doomed.kill()
+    start_worker(conf)
+    retaken = next_report(events, "started", "dc")
+    assert retaken["token"] == first["token"] + 1
+    events.rpush("gate:dc", "open")  # not before: a dead client's BLPOP could still take it
+    report = result.get(timeout=60)
+    assert report["token"] == retaken["token"]
+    assert runs(events, "dc") == 2
+    await_record(broker, "celery_idem.unacked_owners", lambda owners: not owners)  # the last ack
+
+
+def test_live_consumers_keep_their_messages_and_dead_ones_lose_them(redis_url, events):
+    from celery_idem.broker import HEARTBEAT_PREFIX, OWNERS_KEY, beat_and_reap
+
+    publish(redis_url, {"n": "live"}, {"n": "dead"})
+    with Connection(redis_url, transport="celery_idem.broker:Transport") as connection:
+        live = connection.channel()
+        with Consumer(live, [QUEUE], callbacks=[lambda body, message: None]):
+            beat_and_reap([live], timeout=60)  # starts beating: later fetches record it
+            connection.drain_events(timeout=5)  # takes "live"
+            dead_tag = "tag-of-a-dead-consumer"
+            events.hset(OWNERS_KEY, dead_tag, "gone")
+            events.hset("unacked", dead_tag, events.hget("unacked", next(iter(events.hkeys("unacked")))))
+            events.zadd("unacked_index", {dead_tag: 0})
+            assert events.exists(HEARTBEAT_PREFIX + live.consumer_id)
+            beat_and_reap([live], timeout=60)
+            assert events.hkeys(OWNERS_KEY) != [dead_tag]
+            assert dead_tag not in events.hkeys("unacked")
+            assert events.llen("jobs") == 2  # the dead consumer's copy, and "dead" never fetched
+            assert events.hlen(OWNERS_KEY) == 1 and events.hlen("unacked") == 1

@@ -4,18 +4,20 @@
 -- Kombu pops with BRPOP and registers the message as unacknowledged in a second
 -- round trip; a worker killed in between takes the message with it. Here both
 -- happen in one script, so a fetched message is always either in its queue or in
--- the unacked hash, from where kombu restores it after the visibility timeout.
+-- the unacked hash, from where it is restored.
 --
--- KEYS[1..n-2]  the queue lists, in the order to try them (priority, then fairness)
--- KEYS[n-1]     the unacked hash (delivery tag -> [message, exchange, routing key])
--- KEYS[n]       the unacked index (sorted set of delivery tags by fetch time)
+-- KEYS[1..n-3]  the queue lists, in the order to try them (priority, then fairness)
+-- KEYS[n-2]     the unacked hash (delivery tag -> [message, exchange, routing key])
+-- KEYS[n-1]     the unacked index (sorted set of delivery tags by fetch time)
+-- KEYS[n]       the owners hash (delivery tag -> id of the consumer that fetched it)
 -- ARGV[1]       the fetch time, seconds, as kombu scores its index
+-- ARGV[2]       the consumer's id, or '' when it sends no heartbeat (not recorded)
 --
 -- Returns {list, message} for the first message found, or nil when all are empty.
 -- A message that is not kombu's JSON (no delivery tag) is returned unregistered,
 -- as kombu's own fetch would return it.
 local n = #KEYS
-for i = 1, n - 2 do
+for i = 1, n - 3 do
   local item = redis.call('RPOP', KEYS[i])
   if item then
     local ok, message = pcall(cjson.decode, item)
@@ -28,9 +30,12 @@ for i = 1, n - 2 do
         exchange = info['exchange'] or cjson.null
         routing_key = info['routing_key'] or cjson.null
       end
-      redis.call('HSET', KEYS[n - 1], tag,
+      redis.call('HSET', KEYS[n - 2], tag,
         '[' .. item .. ',' .. cjson.encode(exchange) .. ',' .. cjson.encode(routing_key) .. ']')
-      redis.call('ZADD', KEYS[n], ARGV[1], tag)
+      redis.call('ZADD', KEYS[n - 1], ARGV[1], tag)
+      if ARGV[2] ~= '' then
+        redis.call('HSET', KEYS[n], tag, ARGV[2])
+      end
     end
     return {KEYS[i], item}
   end
