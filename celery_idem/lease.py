@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections import defaultdict
 
 from celery.utils.log import get_logger
@@ -28,7 +29,7 @@ logger = get_logger(__name__)
 class Lease:
     """The lease of one run: its record key and fencing token."""
 
-    __slots__ = ("_lost", "keep_ms", "key", "lease_ms", "settled", "store", "token")
+    __slots__ = ("keep_ms", "key", "lease_ms", "lost", "settled", "store", "token")
 
     def __init__(self, store: RecordStore, key: str, token: int, lease_ms: int, keep_ms: int) -> None:
         self.store = store
@@ -38,41 +39,42 @@ class Lease:
         self.token = token
         self.lease_ms = lease_ms
         self.keep_ms = keep_ms
-        self._lost = threading.Event()
+        #: True once a renewal found that another run holds (or finished) the key.
+        self.lost = False
         #: Set once the run committed or released, so nothing is sent twice.
         self.settled = False
-
-    @property
-    def lost(self) -> bool:
-        """True once a renewal found that another run holds (or finished) the key."""
-        return self._lost.is_set()
-
-    def mark_lost(self) -> None:
-        """Record that this run no longer holds the key."""
-        self._lost.set()
 
     def __repr__(self) -> str:
         return f"<Lease {self.key} token={self.token}{' lost' if self.lost else ''}>"
 
 
 class Renewer:
-    """Renews the leases of this process from one daemon thread."""
+    """Renews the leases of this process from one daemon thread.
+
+    The thread renews every lease it holds at each tick, a third of the shortest
+    lease apart. A lease handed over between ticks waits for the next one (it was
+    just acquired, with a whole lease ahead), so handing over a lease wakes the
+    thread only when that lease needs an earlier tick than the one planned: a
+    stream of short tasks costs one wake-up, and at most one renewal, per tick.
+    """
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._leases: set[Lease] = set()
         self._thread: threading.Thread | None = None
+        self._next_tick: float | None = None
         self._pid = os.getpid()
 
     def hold(self, lease: Lease) -> None:
         """Keep ``lease`` alive until :meth:`drop` is called."""
+        due = time.monotonic() + lease.lease_ms / 3000
         with self._cond:
-            if self._thread is None or not self._thread.is_alive():
+            self._leases.add(lease)
+            if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="celery-idem-renewer", daemon=True)
                 self._thread.start()
-            shortest = min((held.lease_ms for held in self._leases), default=None)
-            self._leases.add(lease)
-            if shortest is None or lease.lease_ms < shortest:
+            if self._next_tick is None or due < self._next_tick:
+                self._next_tick = due
                 self._cond.notify()
 
     def drop(self, lease: Lease) -> None:
@@ -83,11 +85,20 @@ class Renewer:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._leases:
-                    self._cond.wait()
-                interval = min(lease.lease_ms for lease in self._leases) / 3000
-                self._cond.wait(interval)
+                while True:
+                    if self._next_tick is None:
+                        self._cond.wait()
+                        continue
+                    delay = self._next_tick - time.monotonic()
+                    if delay > 0:
+                        self._cond.wait(delay)
+                    elif self._leases:
+                        break
+                    else:
+                        # Nothing held at this tick: sleep until the next hold.
+                        self._next_tick = None
                 held = list(self._leases)
+                self._next_tick = time.monotonic() + min(lease.lease_ms for lease in held) / 3000
             try:
                 self.renew(held)
             except Exception:  # the thread must outlive any one failed tick
@@ -119,7 +130,7 @@ class Renewer:
                 with self._cond:
                     given_up = lease not in self._leases
                 if not still_held and not given_up and not lease.lost:
-                    lease.mark_lost()
+                    lease.lost = True
                     logger.warning(
                         "celery-idem: lost the lease on %s (token %d); this run will not be recorded",
                         lease.key,
