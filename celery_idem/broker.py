@@ -55,8 +55,8 @@ logger = get_logger(__name__)
 _FETCH_SOURCE = resources.files(__package__).joinpath("lua", "fetch.lua").read_text()
 _FETCH_SHA = hashlib.sha1(_FETCH_SOURCE.encode()).hexdigest()
 
-#: What the channel sends next on its consumer connection.
-_FETCH, _WAIT = "fetch", "wait"
+#: What the channel sends on its consumer connection: our fetch, our wait, or kombu's BRPOP.
+_FETCH, _WAIT, _KOMBU = "fetch", "wait", "kombu"
 
 #: Hash of delivery tag -> id of the consumer that fetched the message.
 OWNERS_KEY = "celery_idem.unacked_owners"
@@ -78,7 +78,7 @@ class QoS(kombu_redis.QoS):
     """Kombu's Redis QoS; forgetting a message also forgets which consumer fetched it."""
 
     def _remove_from_indices(self, delivery_tag: str, pipe: Any = None) -> Any:
-        pipe = super()._remove_from_indices(delivery_tag, pipe)  # type: ignore[no-untyped-call]
+        pipe = super()._remove_from_indices(delivery_tag, pipe)
         return pipe.hdel(OWNERS_KEY, delivery_tag)
 
 
@@ -95,13 +95,30 @@ class Channel(kombu_redis.Channel):
     beating = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
+        super().__init__(*args, **kwargs)
         #: This consumer's id, recorded with every message it fetches while beating.
         self.consumer_id = uuid.uuid4().hex
+        #: Queues consumed without acknowledgements (Celery's reply queues): their
+        #: messages must not be recorded as unacknowledged, so kombu fetches them.
+        self._no_ack_queues: set[str] = set()
+        self._get_no_ack = False
+
+    def basic_consume(self, queue: str, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("no_ack", args[0] if args else False):
+            self._no_ack_queues.add(queue)
+        return super().basic_consume(queue, *args, **kwargs)
+
+    def basic_get(self, queue: str, no_ack: bool = False, **kwargs: Any) -> Any:
+        self._get_no_ack = no_ack
+        try:
+            return super().basic_get(queue, no_ack=no_ack, **kwargs)
+        finally:
+            self._get_no_ack = False
 
     def _brpop_start(self, timeout: float | None = None) -> None:
-        if not self._fetches_atomically():
-            super()._brpop_start(timeout)  # type: ignore[no-untyped-call]
+        if not self._fetches_atomically() or self._no_ack_queues.intersection(self.active_queues):
+            self._sent = _KOMBU
+            super()._brpop_start(timeout)
             return
         if timeout is None:
             timeout = getattr(self, "brpop_timeout", 1)  # an attribute since kombu 5.4
@@ -120,8 +137,8 @@ class Channel(kombu_redis.Channel):
             connection.send_command("EVALSHA", _FETCH_SHA, len(lists) + 3, *self._fetch_args(lists))
 
     def _brpop_read(self, **options: Any) -> bool:
-        if not self._fetches_atomically():
-            return bool(super()._brpop_read(**options))  # type: ignore[no-untyped-call]
+        if self._sent == _KOMBU:
+            return bool(super()._brpop_read(**options))
         try:
             try:
                 reply = self.client.parse_response(
@@ -151,8 +168,8 @@ class Channel(kombu_redis.Channel):
                 flush()
 
     def _get(self, queue: str, timeout: Any = None) -> Any:
-        if not self._fetches_atomically():
-            return super()._get(queue)  # type: ignore[no-untyped-call]
+        if not self._fetches_atomically() or self._get_no_ack:
+            return super()._get(queue)
         lists = self._lists([queue])
         with self.conn_or_acquire() as client:
             try:
@@ -165,11 +182,7 @@ class Channel(kombu_redis.Channel):
         return loads(bytes_to_str(reply[1]))
 
     def _lists(self, queues: list[str]) -> list[str]:
-        return [
-            self._q_for_pri(queue, pri)  # type: ignore[no-untyped-call]
-            for pri in self.priority_steps
-            for queue in queues
-        ]
+        return [self._q_for_pri(queue, pri) for pri in self.priority_steps for queue in queues]
 
     def _fetch_args(self, lists: list[str]) -> list[Any]:
         timeout = getattr(self.connection, "dead_consumer_timeout", None)
@@ -224,7 +237,7 @@ class Transport(kombu_redis.Transport):
     dead_consumer_timeout: float | None = None
 
     def register_with_event_loop(self, connection: Any, loop: Any) -> None:
-        super().register_with_event_loop(connection, loop)  # type: ignore[no-untyped-call]
+        super().register_with_event_loop(connection, loop)
         cycle: Any = self.cycle
         old = getattr(cycle, "_celery_idem_tref", None)
         if old is not None:

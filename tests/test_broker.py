@@ -191,3 +191,16 @@ def test_live_consumers_keep_their_messages_and_dead_ones_lose_them(redis_url, e
             assert dead_tag not in events.hkeys("unacked")
             assert events.llen("jobs") == 2  # the dead consumer's copy, and "dead" never fetched
             assert events.hlen(OWNERS_KEY) == 1 and events.hlen("unacked") == 1
+
+
+def test_queues_consumed_without_acknowledgements_are_not_recorded_as_unacknowledged(redis_url, events):
+    publish(redis_url, {"n": 1}, {"n": 2})
+    received = []
+    with Connection(redis_url, transport="celery_idem.broker:Transport") as connection:
+        with Consumer(
+            connection, [QUEUE], no_ack=True, callbacks=[lambda body, message: received.append(body)]
+        ):
+            connection.drain_events(timeout=5)
+        assert connection.channel().basic_get("jobs", no_ack=True).payload == {"n": 2}
+    assert received == [{"n": 1}]
+    assert events.hlen("unacked") == 0 and events.hlen("celery_idem.unacked_owners") == 0
