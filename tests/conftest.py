@@ -16,7 +16,7 @@ from celery import Celery
 from celery.result import allow_join_result
 
 from celery_idem.lease import reset_renewer
-from celery_idem.store import reset_stores
+from celery_idem.store import RecordStore, reset_stores, store_for
 from celery_idem.testing import RedisServer
 from tests.helpers import Worker
 from tests.worker_app import make_app
@@ -55,6 +55,20 @@ def _fresh_clients() -> Iterator[None]:
     with allow_join_result():
         yield
     reset_stores()
+
+
+@pytest.fixture
+def store(redis_url: str) -> RecordStore:
+    """The store of the session's Redis, as a worker would get it."""
+    return store_for(redis_url, {})
+
+
+@pytest.fixture
+def raw(redis_url: str) -> Iterator[redis.Redis]:
+    """A plain client of the session's Redis (bytes replies)."""
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
 
 
 def redis_db(url: str, db: int) -> str:

@@ -127,30 +127,46 @@ def runs(events: redis.Redis, label: str) -> int:
     return int(events.get(f"runs:{label}") or 0)
 
 
-def await_record(client: redis.Redis, key: str, predicate: Any, timeout: float = 30) -> dict[str, str]:
-    """Block until the record hash at ``key`` satisfies ``predicate``; return its fields.
+def await_change(client: redis.Redis, key: str, read: Any, predicate: Any, timeout: float = 30) -> Any:
+    """Block until ``predicate(read(key))`` holds; return what ``read`` returned.
 
-    Driven by Redis keyspace notifications on the test's private server, so the
-    wait ends on the change itself, not on a polling interval.
+    Woken by Redis keyspace notifications on the test's private server, so the wait
+    ends on the change itself, not on a polling interval.
     """
     import time
 
-    client.config_set("notify-keyspace-events", "Khg")
+    client.config_set("notify-keyspace-events", "K$hg")
     db = client.connection_pool.connection_kwargs.get("db", 0)
     pubsub = client.pubsub()
     pubsub.subscribe(f"__keyspace@{db}__:{key}")
     try:
         deadline = time.monotonic() + timeout
         while True:
-            fields = {_s(k): _s(v) for k, v in client.hgetall(key).items() if _s(k) != "result"}
-            if predicate(fields):
-                return fields
+            value = read(key)
+            if predicate(value):
+                return value
             left = deadline - time.monotonic()
             if left <= 0:
-                raise AssertionError(f"record {key} never matched; last seen {fields}")
+                raise AssertionError(f"{key} never matched; last seen {value!r}")
             pubsub.get_message(timeout=min(left, 1.0))
     finally:
         pubsub.close()
+
+
+def await_record(client: redis.Redis, key: str, predicate: Any, timeout: float = 30) -> dict[str, str]:
+    """Block until the hash at ``key`` (a record, say) satisfies ``predicate``; return it."""
+
+    def read(name: str) -> dict[str, str]:
+        return {_s(k): _s(v) for k, v in client.hgetall(name).items() if _s(k) != "result"}
+
+    return await_change(client, key, read, predicate, timeout)
+
+
+def record_key_of(name: str = "k") -> str:
+    """A record key for store-level tests."""
+    from celery_idem.keys import record_key
+
+    return record_key("idem", "tests.task", name)
 
 
 def _s(value: Any) -> str:

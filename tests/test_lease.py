@@ -7,17 +7,16 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterator
 
 import pytest
 import redis
 from redis.connection import Connection
 
 from celery_idem import lease as lease_module
-from celery_idem.keys import record_key
 from celery_idem.lease import Lease, Renewer, renewer
 from celery_idem.store import Acquired, Busy, Outcome, RecordStore, store_for
 from celery_idem.testing import RedisServer
+from tests.helpers import record_key_of
 
 KEEP = 60_000
 LEASE = 10_000
@@ -26,20 +25,7 @@ DEADLINE = 10.0
 RESULT = Outcome(b"42", "application/json", "utf-8")
 
 
-def key(name: str = "k") -> str:
-    return record_key("idem", "tests.task", name)
-
-
-@pytest.fixture
-def store(redis_url: str) -> RecordStore:
-    return store_for(redis_url, {})
-
-
-@pytest.fixture
-def raw(redis_url: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_url)
-    yield client
-    client.close()
+key = record_key_of
 
 
 def hold(store: RecordStore, name: str, holder: str, lease_ms: int) -> Lease:

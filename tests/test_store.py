@@ -12,7 +12,6 @@ import multiprocessing
 import re
 import threading
 import time
-from collections.abc import Iterator
 from importlib.resources import files
 from typing import Any
 
@@ -33,6 +32,7 @@ from celery_idem.store import (
     store_for,
 )
 from celery_idem.testing import RedisServer
+from tests.helpers import record_key_of
 
 LEASE = 10_000
 KEEP = 60_000
@@ -52,20 +52,7 @@ SCRIPTS = {
 }
 
 
-def key(name: str = "k") -> str:
-    return record_key("idem", "tests.task", name)
-
-
-@pytest.fixture
-def store(redis_url: str) -> RecordStore:
-    return store_for(redis_url, {})
-
-
-@pytest.fixture
-def raw(redis_url: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_url)
-    yield client
-    client.close()
+key = record_key_of
 
 
 def take_over(store: RecordStore, name: str, holder: str, lease_ms: int = LEASE) -> Acquired:

@@ -6,16 +6,18 @@ records and reports db 0) with a 2 s lease unless a test says otherwise.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 
 import pytest
+import redis
 from celery import states
 
 from celery_idem.errors import DuplicateTaskInProgress, LeaseLost
 from celery_idem.store import store_for
 from celery_idem.testing import RedisServer
-from tests.helpers import await_record, next_report, runs
+from tests.helpers import await_change, await_record, next_report, runs
 from tests.worker_app import Cached
 
 
@@ -160,48 +162,14 @@ def test_drop_policy_ends_the_duplicate_ignored(start_worker, producer, worker_c
     holder = task.apply_async(("d",), {"hold": "gate"})
     next_report(events, "started", "d")
     dropped = task.apply_async(("d",))
-    backend = app.backend
-    meta = backend.get_task_meta(dropped.id)
-    for _ in backend.iter_native([dropped], timeout=30, no_ack=True) if False else ():
-        pass
-    await_meta_state(app, dropped.id, states.IGNORED)
+    results = redis.Redis.from_url(app.conf.result_backend, decode_responses=True)
+    meta_key = app.backend.get_key_for_task(dropped.id).decode()
+    await_change(
+        results, meta_key, results.get, lambda meta: meta and json.loads(meta)["status"] == states.IGNORED
+    )
     events.rpush("gate:d", "open")
     holder.get(timeout=30)
     assert runs(events, "d") == 1
-    assert meta is not None
-
-
-def await_meta_state(app, task_id, state, timeout=30):
-    """Block until the result backend stores ``state`` for ``task_id``."""
-    import redis as redis_lib
-
-    client = redis_lib.Redis.from_url(app.conf.result_backend)
-    key = app.backend.get_key_for_task(task_id).decode()
-    fields = await_record_string(
-        client, key, lambda value: value and f'"status": "{state}"' in value, timeout
-    )
-    return fields
-
-
-def await_record_string(client, key, predicate, timeout):
-    import time
-
-    client.config_set("notify-keyspace-events", "K$g")
-    db = client.connection_pool.connection_kwargs.get("db", 0)
-    pubsub = client.pubsub()
-    pubsub.subscribe(f"__keyspace@{db}__:{key}")
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            raw = client.get(key)
-            value = raw.decode() if raw else None
-            if predicate(value):
-                return value
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{key} never matched; last seen {value}")
-            pubsub.get_message(timeout=1.0)
-    finally:
-        pubsub.close()
 
 
 def test_wait_policy_returns_the_holders_result(start_worker, producer, worker_conf, events):
