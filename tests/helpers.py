@@ -16,6 +16,16 @@ import redis
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def worker_command(hostname: str, *options: str) -> list[str]:
+    """The command line of a test worker running ``tests.worker_app``."""
+    return [
+        sys.executable,
+        *("-m", "celery", "-A", "tests.worker_app", "worker", "-n", hostname, "-l", "INFO"),
+        *("--without-heartbeat", "--without-gossip", "--without-mingle"),
+        *options,
+    ]
+
+
 class Worker:
     """A ``celery worker`` process running ``tests.worker_app`` in its own session.
 
@@ -47,25 +57,7 @@ class Worker:
 
     def start(self, timeout: float = 60) -> Worker:
         env = {**os.environ, "IDEM_TEST_CONF": json.dumps(self.conf), "PYTHONPATH": str(ROOT)}
-        args = [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "tests.worker_app",
-            "worker",
-            "-n",
-            self.hostname,
-            "-P",
-            self.pool,
-            "-c",
-            str(self.concurrency),
-            "-l",
-            "INFO",
-            "--without-heartbeat",
-            "--without-gossip",
-            "--without-mingle",
-        ]
+        args = worker_command(self.hostname, "-P", self.pool, "-c", str(self.concurrency))
         if self.queues:
             args += ["-Q", self.queues]
         with open(self.logfile, "ab") as log:

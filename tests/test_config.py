@@ -19,7 +19,7 @@ from celery import Celery, Task
 from celery_idem import IdempotentTask, ImproperlyConfigured, LeaseLost
 from celery_idem.config import DEFAULTS, IdempotencyConfig
 from celery_idem.keys import record_key
-from tests.helpers import ROOT
+from tests.helpers import ROOT, worker_command
 
 WORKER_FLAGS = [
     "-P",
@@ -545,18 +545,7 @@ def run_worker(args: list[str], conf: dict[str, Any], **env: str) -> subprocess.
 def test_worker_with_bad_setting_exits_naming_it(
     worker_conf: dict[str, Any], setting: dict[str, Any], words: list[str]
 ) -> None:
-    args = [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        "tests.worker_app",
-        "worker",
-        "-n",
-        "config@test",
-        *WORKER_FLAGS,
-    ]
-    done = run_worker(args, {**worker_conf, **setting})
+    done = run_worker(worker_command("config@test", "-P", "solo"), {**worker_conf, **setting})
     assert done.returncode != 0, done.stdout[-4000:]
     for word in words:
         assert word in done.stdout
