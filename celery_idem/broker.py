@@ -44,6 +44,7 @@ from typing import Any
 
 from celery.utils.log import get_logger
 from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual as kombu_virtual
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import loads
 from redis.exceptions import NoScriptError
@@ -75,7 +76,21 @@ def supported() -> bool:
 
 
 class QoS(kombu_redis.QoS):
-    """Kombu's Redis QoS; forgetting a message also forgets which consumer fetched it."""
+    """Kombu's Redis QoS, for messages the fetch script already recorded.
+
+    Kombu records each message it hands out as unacknowledged with a round trip of
+    its own; for a message taken by ``fetch.lua`` that entry exists already, so only
+    the in-memory bookkeeping is done. Forgetting a message (acknowledged, rejected,
+    restored) also forgets which consumer fetched it.
+    """
+
+    def append(self, message: Any, delivery_tag: str) -> None:
+        recorded = self.channel._recorded
+        if delivery_tag in recorded:
+            recorded.discard(delivery_tag)
+            kombu_virtual.QoS.append(self, message, delivery_tag)
+        else:
+            super().append(message, delivery_tag)
 
     def _remove_from_indices(self, delivery_tag: str, pipe: Any = None) -> Any:
         pipe = super()._remove_from_indices(delivery_tag, pipe)
@@ -102,6 +117,9 @@ class Channel(kombu_redis.Channel):
         #: messages must not be recorded as unacknowledged, so kombu fetches them.
         self._no_ack_queues: set[str] = set()
         self._get_no_ack = False
+        #: Delivery tags the fetch script recorded as unacknowledged, until the QoS
+        #: takes them over.
+        self._recorded: set[str] = set()
 
     def basic_consume(self, queue: str, *args: Any, **kwargs: Any) -> Any:
         if kwargs.get("no_ack", args[0] if args else False):
@@ -159,7 +177,7 @@ class Channel(kombu_redis.Channel):
             dest, item = reply
             dest = bytes_to_str(dest).rsplit(self.sep, 1)[0]
             self._queue_cycle.rotate(dest)
-            self.connection._deliver(loads(bytes_to_str(item)), dest)
+            self.connection._deliver(self._took(item), dest)
             return True
         finally:
             self._in_poll = None  # type: ignore[assignment]
@@ -179,7 +197,14 @@ class Channel(kombu_redis.Channel):
                 reply = client.evalsha(_FETCH_SHA, len(lists) + 3, *self._fetch_args(lists))
         if not reply:
             raise Empty()
-        return loads(bytes_to_str(reply[1]))
+        return self._took(reply[1])
+
+    def _took(self, item: bytes) -> Any:
+        message = loads(bytes_to_str(item))
+        tag = message.get("properties", {}).get("delivery_tag") if isinstance(message, dict) else None
+        if isinstance(tag, str):
+            self._recorded.add(tag)
+        return message
 
     def _lists(self, queues: list[str]) -> list[str]:
         return [self._q_for_pri(queue, pri) for pri in self.priority_steps for queue in queues]

@@ -24,13 +24,22 @@ def publish(url: str, *bodies: dict) -> None:
 
 
 def _die_right_after_fetching(url: str, transport: str | None) -> None:
-    # The consumer is killed at the worst moment: the message has left its queue,
-    # and kombu has not yet recorded it as unacknowledged.
+    # The consumer is killed at the worst moment: the message has left its queue
+    # and is about to be handed over. Kombu records it as unacknowledged in its
+    # QoS.append, so that is where kombu's own consumer dies; celery_idem's recorded
+    # it while fetching, and dies as it starts tracking the message in memory.
     import os
 
     from kombu.transport import redis as kombu_redis
+    from kombu.transport import virtual as kombu_virtual
 
-    kombu_redis.QoS.append = lambda self, message, tag: os._exit(9)
+    def die(self, message, tag):
+        os._exit(9)
+
+    if transport is None:
+        kombu_redis.QoS.append = die
+    else:
+        kombu_virtual.QoS.append = die
     with Connection(url, transport=transport) as connection:
         with Consumer(connection, [QUEUE], callbacks=[lambda body, message: None]):
             connection.drain_events(timeout=10)
