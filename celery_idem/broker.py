@@ -37,6 +37,8 @@ from __future__ import annotations
 
 import hashlib
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import resources
 from queue import Empty
 from time import monotonic, time
@@ -108,6 +110,8 @@ class Channel(kombu_redis.Channel):
     _atomic: bool | None = None
     #: Set once this consumer's heartbeat key was written: fetches then record it.
     beating = False
+    #: The client :meth:`conn_or_acquire` hands out (kombu's own __init__ may ask).
+    _shared_client: Any = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -120,6 +124,21 @@ class Channel(kombu_redis.Channel):
         #: Delivery tags the fetch script recorded as unacknowledged, until the QoS
         #: takes them over.
         self._recorded: set[str] = set()
+
+    @contextmanager
+    def conn_or_acquire(self, client: Any = None) -> Iterator[Any]:
+        """A client for one command or pipeline: the caller's, or one kept for reuse.
+
+        Kombu builds a new redis-py client object for each (they share the
+        connection pool), twice per message; building one costs more than the
+        round trip it is for.
+        """
+        if client:
+            yield client
+            return
+        if self._shared_client is None:
+            self._shared_client = self._create_client()
+        yield self._shared_client
 
     def basic_consume(self, queue: str, *args: Any, **kwargs: Any) -> Any:
         if kwargs.get("no_ack", args[0] if args else False):
