@@ -17,9 +17,10 @@ acknowledging, restoring, fan-out) is kombu's.
 
 Kombu restores an unacknowledged message only once it is older than
 ``visibility_timeout`` (an hour by default), so the messages of a worker killed as a
-whole wait that long. Here a worker's event loop also keeps a heartbeat key per
-consumer, the fetch script records which consumer took each message, and every
-worker restores, within seconds, the messages of consumers whose heartbeat stopped
+whole wait that long. Here a worker keeps a heartbeat key per consumer, renewed by a
+thread of its own (so a ``-P solo`` worker busy with a long task keeps beating), the
+fetch script records which consumer took each message, and every worker's event
+loop restores, within seconds, the messages of consumers whose heartbeat stopped
 for ``dead_consumer_timeout`` seconds (a transport option, default 30). Messages of
 live consumers are left alone, however long their tasks run.
 
@@ -36,7 +37,10 @@ fetches without waiting.
 from __future__ import annotations
 
 import hashlib
+import os
+import threading
 import uuid
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import resources
@@ -51,7 +55,7 @@ from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import loads
 from redis.exceptions import NoScriptError
 
-__all__ = ["Channel", "QoS", "Transport", "beat_and_reap", "supported"]
+__all__ = ["Channel", "QoS", "Transport", "beat", "beat_and_reap", "heartbeats", "supported"]
 
 logger = get_logger(__name__)
 
@@ -67,6 +71,9 @@ OWNERS_KEY = "celery_idem.unacked_owners"
 HEARTBEAT_PREFIX = "celery_idem.consumer."
 #: Default seconds without a heartbeat after which a consumer counts as dead.
 DEAD_CONSUMER_TIMEOUT = 30.0
+
+#: What kombu counts as "the broker cannot be reached".
+_CONNECTION_ERRORS: tuple[type[BaseException], ...] = kombu_redis.get_redis_error_classes()[0]
 
 #: Kombu internals this transport builds on; checked before it is used.
 _NEEDED = ("_brpop_start", "_brpop_read", "_get", "_q_for_pri", "priority_steps", "unacked_key")
@@ -236,8 +243,14 @@ class Channel(kombu_redis.Channel):
             with self.conn_or_acquire() as client:
                 client.set(HEARTBEAT_PREFIX + self.consumer_id, 1, px=int(timeout * 1000))
             self.beating = True
+            heartbeats().add(self, timeout)
         owner = self.consumer_id if self.beating else ""
         return [*lists, self.unacked_key, self.unacked_index_key, OWNERS_KEY, time(), owner]
+
+    def close(self) -> None:
+        """Close the channel; its consumer stops beating (its key then runs out)."""
+        heartbeats().discard(self)
+        super().close()
 
     def _load_script(self) -> None:
         with self.conn_or_acquire() as client:
@@ -295,6 +308,19 @@ class Transport(kombu_redis.Transport):
         )
 
 
+def beat(channels: list[Any], timeout: float) -> None:
+    """Renew the heartbeat keys of ``channels``, in one pipelined round trip."""
+    if not channels:
+        return
+    with channels[0].conn_or_acquire() as client:
+        pipe = client.pipeline(transaction=False)
+        for channel in channels:
+            pipe.set(HEARTBEAT_PREFIX + channel.consumer_id, 1, px=int(timeout * 1000))
+        pipe.execute()
+    for channel in channels:
+        channel.beating = True
+
+
 def beat_and_reap(channels: Any, timeout: float) -> None:
     """Renew the heartbeats of ``channels`` and restore the messages of dead consumers.
 
@@ -309,13 +335,8 @@ def beat_and_reap(channels: Any, timeout: float) -> None:
         return
     first = consuming[0]
     try:
+        beat(consuming, timeout)
         with first.conn_or_acquire() as client:
-            pipe = client.pipeline(transaction=False)
-            for channel in consuming:
-                pipe.set(HEARTBEAT_PREFIX + channel.consumer_id, 1, px=int(timeout * 1000))
-            pipe.execute()
-            for channel in consuming:
-                channel.beating = True
             owners = {
                 bytes_to_str(tag): bytes_to_str(owner) for tag, owner in client.hgetall(OWNERS_KEY).items()
             }
@@ -334,5 +355,65 @@ def beat_and_reap(channels: Any, timeout: float) -> None:
                     "celery-idem: restored the messages of %d consumer(s) that stopped beating",
                     len(dead),
                 )
-    except first.connection_errors:
+    except _CONNECTION_ERRORS:
         logger.debug("celery-idem: heartbeat skipped, the broker is unreachable", exc_info=True)
+
+
+class Heartbeats:
+    """Renews the heartbeat keys of this process's consumers from a daemon thread.
+
+    The event loop beats too, but a ``-P solo`` worker runs its tasks in the loop:
+    a task longer than ``dead_consumer_timeout`` would stop its heartbeat and let
+    other workers restore the very message it is running. This thread beats every
+    sixth of the shortest timeout whatever the loop is doing; it beats only for
+    channels that started beating in an event loop, until they are closed: also
+    while a worker shutting down waits for its last tasks, no longer consuming.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._channels: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
+        self._thread: threading.Thread | None = None
+        self._pid = os.getpid()
+
+    def add(self, channel: Any, timeout: float) -> None:
+        """Beat for ``channel`` (its key lives ``timeout`` seconds) until it closes."""
+        with self._lock:
+            self._channels[channel] = timeout
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="celery-idem-heartbeat", daemon=True)
+                self._thread.start()
+        self._wake.set()
+
+    def discard(self, channel: Any) -> None:
+        """Stop beating for ``channel``."""
+        with self._lock:
+            self._channels.pop(channel, None)
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                held = dict(self._channels)
+            if not held:
+                self._wake.wait()
+                self._wake.clear()
+                continue
+            for timeout in sorted(set(held.values())):
+                try:
+                    beat([channel for channel, t in held.items() if t == timeout], timeout)
+                except Exception:  # the thread must outlive any one failed beat
+                    logger.debug("celery-idem: heartbeat failed", exc_info=True)
+            self._wake.wait(max(min(held.values()) / 6, 0.05))
+            self._wake.clear()
+
+
+_heartbeats = Heartbeats()
+
+
+def heartbeats() -> Heartbeats:
+    """Return this process's heartbeat thread keeper (a new one after a fork)."""
+    global _heartbeats
+    if _heartbeats._pid != os.getpid():
+        _heartbeats = Heartbeats()
+    return _heartbeats

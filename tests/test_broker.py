@@ -181,6 +181,49 @@ def test_a_killed_workers_messages_come_back_without_waiting_for_the_visibility_
     await_record(broker, "celery_idem.unacked_owners", lambda owners: not owners)  # the last ack
 
 
+def test_a_solo_worker_busy_with_a_long_task_keeps_its_message(start_worker, producer, worker_conf, events):
+    # A -P solo worker runs tasks in its event loop, which then cannot beat: the
+    # heartbeat thread must, or another worker restores the message mid-run. The
+    # task is a plain one, so a restored message would visibly run twice.
+    from tests.helpers import next_report, runs
+
+    conf = {
+        **worker_conf,
+        "broker_transport_options": {"visibility_timeout": 3600, "dead_consumer_timeout": 1},
+    }
+    solo = start_worker(conf, pool="solo")
+    app = producer(conf)
+    result = app.tasks["t.plain"].apply_async(("long",), {"hold": 6})  # six timeouts long
+    assert next_report(events, "started", "long")["pid"] == solo.process.pid
+    start_worker(conf)  # restores the messages of consumers that stop beating
+    result.get(timeout=60)
+    assert runs(events, "long") == 1
+
+
+def test_a_channel_beats_from_a_thread_until_it_is_closed(redis_url, events):
+    from celery_idem.broker import HEARTBEAT_PREFIX, heartbeats
+    from tests.helpers import await_change
+
+    with Connection(redis_url, transport="celery_idem.broker:Transport") as connection:
+        channel = connection.channel()
+        key = HEARTBEAT_PREFIX + channel.consumer_id
+        events.config_set("notify-keyspace-events", "K$")
+        pubsub = events.pubsub()
+        pubsub.subscribe(f"__keyspace@0__:{key}")
+        # The key lives 0.3 s; with no event loop (and not consuming, as a worker
+        # shutting down), only the thread renews it: ten beats outlive it.
+        heartbeats().add(channel, 0.3)
+        beats = 0
+        while beats < 10:
+            message = pubsub.get_message(timeout=5)
+            assert message is not None, f"the heartbeat stopped after {beats} beats"
+            beats += message["type"] == "message"
+        pubsub.close()
+        assert events.exists(key)
+        channel.close()
+        await_change(events, key, events.exists, lambda exists: not exists)
+
+
 def test_live_consumers_keep_their_messages_and_dead_ones_lose_them(redis_url, events):
     from celery_idem.broker import HEARTBEAT_PREFIX, OWNERS_KEY, beat_and_reap
 
