@@ -317,6 +317,20 @@ def test_per_call_key_override_travels_in_the_header(start_worker, producer, wor
     assert runs(events, "ov") == 2
 
 
+def test_a_retry_keeps_the_key_given_per_call(start_worker, producer, worker_conf, events):
+    # The retry's message must carry the per-call key (Celery copies the request's
+    # headers into it), or the retry would run under its task id's key and a
+    # resubmission with the same key would run the body again.
+    start_worker(worker_conf)
+    app = producer()
+    task = app.tasks["t.by_id"]
+    first = task.apply_async(("okr",), {"fail": "retry_once"}, idempotency_key="refund-7").get(timeout=30)
+    assert first["retries"] == 1 and first["token"] == 2
+    again = task.apply_async(("okr",), idempotency_key="refund-7").get(timeout=30)
+    assert again == first
+    assert runs(events, "okr") == 2
+
+
 def test_send_task_by_name_without_header_is_protected_by_the_worker(
     start_worker, producer, worker_conf, events
 ):
