@@ -380,6 +380,32 @@ def test_finished_record_survives_a_redis_restart_with_appendonly() -> None:
         assert store.acquire(key(), "b", LEASE, KEEP) == Finished(token=1, failed=False, outcome=BINARY)
 
 
+def test_a_call_cut_off_by_a_timeout_leaves_no_reply_for_the_next_call() -> None:
+    # The store keeps its connections between calls: a reply that arrives after
+    # its call gave up must never be read as the answer to the next call.
+    with RedisServer() as server:
+        store = store_for(server.url, {"socket_timeout": 0.5})
+        store.acquire(key("done"), "a", LEASE, KEEP)
+        store.commit(key("done"), 1, False, RESULT, KEEP)
+        admin = redis.Redis.from_url(server.url, socket_timeout=None)
+        admin.client_pause(1500)  # every client's commands wait
+        with pytest.raises(BACKEND_ERRORS):
+            store.acquire(key("done"), "b", LEASE, KEEP)  # would answer FINISHED
+        admin.ping()  # returns when the pause is over
+        assert store.acquire(key("new"), "c", LEASE, KEEP) == Acquired(token=1, taken_over=False)
+        admin.close()
+
+
+def test_a_connection_the_server_closed_while_idle_is_reopened() -> None:
+    with RedisServer() as server:
+        store = store_for(server.url, {})
+        assert isinstance(store.acquire(key("a"), "a", LEASE, KEEP), Acquired)
+        admin = redis.Redis.from_url(server.url)
+        admin.client_kill_filter(_type="normal", skipme=True)  # the store's idle connection
+        assert isinstance(store.acquire(key("b"), "b", LEASE, KEEP), Acquired)
+        admin.close()
+
+
 def test_unreachable_redis_raises_a_backend_error() -> None:
     with RedisServer() as server:
         store = store_for(server.url, {})
