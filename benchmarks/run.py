@@ -20,7 +20,7 @@ from types import FrameType, ModuleType
 
 import celery_idem
 
-from . import duplicates, redis_cost, renewal, throughput
+from . import duplicates, rabbitmq, redis_cost, renewal, throughput
 from .docs import Section, write
 from .harness import ROOT, Options, Servers
 from .peers import REQUIREMENTS, missing
@@ -28,7 +28,8 @@ from .peers import throughput as peers_throughput
 from .report import command_line, machine
 
 BENCHMARKS: dict[str, ModuleType] = {
-    module.NAME: module for module in (throughput, redis_cost, renewal, duplicates, peers_throughput)
+    module.NAME: module
+    for module in (throughput, redis_cost, renewal, duplicates, peers_throughput, rabbitmq)
 }
 DEFAULT = ("throughput", "redis-cost", "renewal", "duplicates")
 
@@ -48,6 +49,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--peers", action="store_true", help=f"also run the peers comparison (needs {REQUIREMENTS})"
+    )
+    parser.add_argument(
+        "--rabbitmq",
+        action="store_true",
+        help="also run the throughput comparison on RabbitMQ (IDEM_BENCH_AMQP_URL, "
+        "default amqp://guest:guest@127.0.0.1:5672//)",
     )
     parser.add_argument("--tasks", type=int, metavar="N", help="tasks per run (overrides the default)")
     parser.add_argument("--runs", type=int, metavar="N", help="runs per variant (overrides the default)")
@@ -70,7 +77,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    names = list(dict.fromkeys(args.only or [*DEFAULT, *(["peers"] if args.peers else [])]))
+    extra = [*(["peers"] if args.peers else []), *(["rabbitmq"] if args.rabbitmq else [])]
+    names = list(dict.fromkeys(args.only or [*DEFAULT, *extra]))
+    if "rabbitmq" in names:
+        problem = rabbitmq.reachable(rabbitmq.AMQP_URL)
+        if problem is not None:
+            print(f"rabbitmq: {rabbitmq.AMQP_URL} is not reachable ({problem}); skipped", file=sys.stderr)
+            names.remove("rabbitmq")
+            if not names:
+                return 2
     if "peers" in names and missing():
         print(
             f"peers: {', '.join(missing())} not installed; to include the peers comparison run\n"

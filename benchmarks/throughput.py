@@ -33,6 +33,9 @@ class Variant:
     transport: str | None = None
 
 
+#: The queue the benchmarks use on a broker that is not theirs alone (RabbitMQ).
+SHARED_BROKER_QUEUE = "celery-idem-benchmarks"
+
 #: celery_idem's Redis broker transport, which workers of an app using celery_idem
 #: get by default (``idempotency_atomic_redis_fetch``).
 IDEM_TRANSPORT = "celery_idem.broker:Transport"
@@ -63,17 +66,23 @@ class Drain:
         return sum(commands.values()) / self.tasks
 
 
-def settings(servers: Servers, result_backend: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+def settings(
+    servers: Servers, result_backend: bool, broker_url: str | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """App settings of the worker and of the producer.
 
-    The producer has no result backend even when the worker has one: a Redis
-    backend in the producer would subscribe to every task's result as it is sent.
+    The broker is the private broker server unless ``broker_url`` names another
+    (RabbitMQ). The producer has no result backend even when the worker has one: a
+    Redis backend in the producer would subscribe to every task's result as it is sent.
     """
     common: dict[str, Any] = {
-        "broker_url": servers.url("broker"),
+        "broker_url": broker_url or servers.url("broker"),
         "idempotency_redis_url": servers.url("records"),
         "task_ignore_result": not result_backend,
     }
+    if broker_url:
+        # A broker shared with others: a queue of the benchmark's own, which it may purge.
+        common["task_default_queue"] = SHARED_BROKER_QUEUE
     worker = dict(common)
     if result_backend:
         worker["result_backend"] = servers.url("broker", db=1)
@@ -102,16 +111,21 @@ def drain(
     task_ids: Sequence[str] | None = None,
     keep_records: bool = False,
     transport: str | None = None,
+    broker_url: str | None = None,
 ) -> Drain:
     """Queue ``count`` tasks, then start a solo worker and wait until it ran them all.
 
     The worker imports celery_idem only for idempotent tasks or its transport, and
     this is checked: the plain baseline is Celery as it is without celery_idem.
+    With ``broker_url`` (RabbitMQ) the queue is purged instead of the broker server
+    flushed, and broker commands are not counted.
     """
     servers.flush("broker")
+    if broker_url:
+        purge(broker_url)
     if not keep_records:
         servers.flush("records")
-    worker_settings, producer_settings = settings(servers, result_backend)
+    worker_settings, producer_settings = settings(servers, result_backend, broker_url)
     if "peers" in group_of(task):
         for conf in (worker_settings, producer_settings):
             conf.update(peer_settings(servers))
@@ -132,6 +146,15 @@ def drain(
     return Drain(report, count, command_delta(before[0], after[0]), command_delta(before[1], after[1]))
 
 
+def purge(broker_url: str) -> None:
+    """Empty the benchmark's queue on ``broker_url`` (declaring it if it is new)."""
+    app = make_app({"broker_url": broker_url, "task_default_queue": SHARED_BROKER_QUEUE})
+    try:
+        app.control.purge()
+    finally:
+        app.close()
+
+
 def peer_settings(servers: Servers) -> dict[str, Any]:
     """celery-once and celery-singleton configured, per their docs, on the records server."""
     return {
@@ -150,24 +173,48 @@ def compare(
     runs: int,
     warmup: bool,
     result_backend: bool = False,
+    broker_url: str | None = None,
 ) -> dict[Variant, list[Drain]]:
     """Run every variant ``runs`` times, alternating (ABCABC...), after one small warm-up run each."""
     if warmup:
         for variant in variants:
-            drain(servers, variant.task, min(count, 200), result_backend, transport=variant.transport)
+            drain(
+                servers,
+                variant.task,
+                min(count, 200),
+                result_backend,
+                transport=variant.transport,
+                broker_url=broker_url,
+            )
     results: dict[Variant, list[Drain]] = {variant: [] for variant in variants}
     for run in range(runs):
         for variant in variants:
-            result = drain(servers, variant.task, count, result_backend, transport=variant.transport)
+            result = drain(
+                servers,
+                variant.task,
+                count,
+                result_backend,
+                transport=variant.transport,
+                broker_url=broker_url,
+            )
             results[variant].append(result)
             print(f"  run {run + 1}/{runs} {variant.task}: {result.rate():,.0f} tasks/s")
     return results
 
 
 def ratio_table(
-    title: str, results: Mapping[Variant, Sequence[Drain]], count: int, runs: int, span: str = "body_span"
+    title: str,
+    results: Mapping[Variant, Sequence[Drain]],
+    count: int,
+    runs: int,
+    span: str = "body_span",
+    broker_counted: bool = True,
 ) -> Table:
-    """Median rate of each variant, and its ratio to the first (plain) variant."""
+    """Median rate of each variant, and its ratio to the first (plain) variant.
+
+    ``broker_counted`` is False when the broker is not the private Redis server
+    (RabbitMQ): its commands are then shown as "n/a".
+    """
     table = Table(
         title,
         [
@@ -193,7 +240,7 @@ def ratio_table(
             f"{min(rates):,.0f} to {max(rates):,.0f}",
             f"{median(rates) / plain_median:.2f}",
             f"{min(ratios):.2f} to {max(ratios):.2f}",
-            f"{median(d.per_task(d.broker_commands) for d in drains):.2f}",
+            f"{median(d.per_task(d.broker_commands) for d in drains):.2f}" if broker_counted else "n/a",
             f"{median(d.per_task(d.records_commands) for d in drains):.2f}",
         )
     table.notes.append(

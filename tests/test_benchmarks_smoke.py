@@ -2,11 +2,13 @@
 
 Only that they complete and print their tables; nothing about the numbers, which
 depend on the machine (docs/benchmarks.md has the measured ones). The peers
-comparison is never asked for, so its optional packages are not needed.
+comparison is never asked for, so its optional packages are not needed; the
+RabbitMQ run needs RabbitMQ (skipped without it, except on CI).
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -42,3 +44,16 @@ def test_tiny_throughput_run_prints_its_tables() -> None:
     assert "Throughput, ignore_result=True" in out
     assert "`IdempotentTask`, key = task id" in out
     assert "Where the time of an idempotent task goes" in out
+
+
+def test_tiny_rabbitmq_run_prints_its_table() -> None:
+    from benchmarks.rabbitmq import AMQP_URL, reachable
+
+    problem = reachable(AMQP_URL)
+    if problem is not None:
+        if os.environ.get("CI"):
+            pytest.fail(f"RabbitMQ is not reachable at {AMQP_URL} and CI is set: {problem}")
+        pytest.skip(f"RabbitMQ is not reachable at {AMQP_URL}: {problem}")
+    out = run_benchmarks("--quick", "--only", "rabbitmq", "--tasks", "20", "--runs", "1")
+    assert "Throughput on RabbitMQ, ignore_result=True" in out
+    assert "`IdempotentTask`, key = task id" in out

@@ -1,0 +1,71 @@
+"""The throughput workload on RabbitMQ: plain Celery, celery_idem and, if installed, the peers.
+
+The Redis-broker benchmarks include celery_idem's broker transport, which makes
+every task of a worker faster; on RabbitMQ there is no such transport, so this
+table shows what the task itself costs against plain Celery: its two ``EVALSHA``
+round trips to the records server, and their Python. Messages go to the RabbitMQ
+at ``IDEM_BENCH_AMQP_URL`` (default ``amqp://guest:guest@127.0.0.1:5672//``), into
+a queue of the benchmark's own (``celery-idem-benchmarks``, purged before every run
+and deleted at the end); records and the peers' locks live on the private records
+server as in the other benchmarks.
+"""
+
+from __future__ import annotations
+
+import os
+
+from kombu import Connection
+
+from .harness import Options, Servers
+from .peers import missing
+from .peers.throughput import ONCE, SINGLETON
+from .report import Table
+from .throughput import IDEM_ARGS, IDEM_ID, PLAIN, SHARED_BROKER_QUEUE, compare, ratio_table
+
+NAME = "rabbitmq"
+TITLE = "Throughput on RabbitMQ: plain Celery, celery_idem and the peers"
+
+#: The RabbitMQ the benchmark uses.
+AMQP_URL = os.environ.get("IDEM_BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
+
+
+def reachable(url: str) -> str | None:
+    """None if RabbitMQ at ``url`` accepts a connection, else why not."""
+    try:
+        with Connection(url, connect_timeout=3) as connection:
+            connection.ensure_connection(max_retries=1)
+    except Exception as exc:  # any failure to connect means: skip, and say why
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def run(options: Options, servers: Servers) -> list[Table]:
+    variants = [PLAIN, IDEM_ID, IDEM_ARGS]
+    if not missing():
+        variants += [ONCE, SINGLETON]
+    count = options.pick(5000, 1000, options.tasks)
+    runs = options.pick(5, 3, options.runs)
+    print(f"{TITLE}: {len(variants)} variants x {runs} runs x {count:,} tasks, ignore_result")
+    try:
+        results = compare(servers, variants, count, runs, warmup=not options.quick, broker_url=AMQP_URL)
+    finally:
+        with Connection(AMQP_URL) as connection:
+            connection.default_channel.queue_delete(SHARED_BROKER_QUEUE)
+    table = ratio_table(
+        f"Throughput on RabbitMQ, ignore_result=True ({count:,} tasks, solo worker)",
+        results,
+        count,
+        runs,
+        broker_counted=False,
+    )
+    table.notes.append(
+        f"broker: RabbitMQ at {Connection(AMQP_URL).as_uri()}, queue `{SHARED_BROKER_QUEUE}` purged before every run"
+    )
+    if missing():
+        table.notes.append("celery-once and celery-singleton were not installed for this run")
+    else:
+        table.notes.append(
+            "celery-once and celery-singleton take their lock when the task is sent; "
+            "the records-server commands they run at send time are not counted here"
+        )
+    return [table]
