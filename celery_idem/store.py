@@ -222,8 +222,8 @@ class RecordStore:
 
         The store keeps its idle connections itself rather than take one from
         redis-py's pool and give it back for every script: that round of the pool,
-        and redis-py's per-command bookkeeping, cost about a third of the script's
-        round trip. A call cut off by anything but an error reply closes its
+        and redis-py's per-command bookkeeping, cost about a quarter of each call's
+        time. A call cut off by anything but an error reply closes its
         connection, so a reply is never read by the wrong call. A call that fails
         with a connection error is sent once more, on a new connection: a connection
         the server closed while it sat idle (a restart) fails on its first use, and
