@@ -366,8 +366,8 @@ class Heartbeats:
     a task longer than ``dead_consumer_timeout`` would stop its heartbeat and let
     other workers restore the very message it is running. This thread beats every
     sixth of the shortest timeout whatever the loop is doing; it beats only for
-    channels that started beating in an event loop, until they are closed: also
-    while a worker shutting down waits for its last tasks, no longer consuming.
+    channels that started beating in an event loop, until they are closed (also
+    once they no longer consume).
     """
 
     def __init__(self) -> None:
