@@ -46,7 +46,11 @@ def rabbitmq_available() -> bool:
 
 @pytest.fixture(params=["redis", "rabbitmq"])
 def broker_conf(request: pytest.FixtureRequest, redis_url: str) -> dict[str, Any]:
-    """Worker settings for one broker, with a queue of this test's own."""
+    """Worker settings for one broker, with a queue of this test's own.
+
+    Tests list it before ``start_worker``, so it is torn down after their workers
+    stopped: a worker still running would declare the deleted queue again.
+    """
     queue = f"chaos-{uuid.uuid4().hex[:12]}"
     if request.param == "rabbitmq":
         if not rabbitmq_available():
@@ -120,7 +124,7 @@ def work() -> float:
     return random.uniform(0.2, 0.5)
 
 
-def test_redelivery_storm_with_killed_pool_processes_and_workers(start_worker, producer, broker_conf, events):
+def test_redelivery_storm_with_killed_pool_processes_and_workers(broker_conf, start_worker, producer, events):
     conf = broker_conf
     workers = [start_worker(conf, concurrency=2), start_worker(conf, concurrency=2)]
     app = producer(conf)
@@ -150,7 +154,7 @@ def test_redelivery_storm_with_killed_pool_processes_and_workers(start_worker, p
     assert_exactly_once(events, labels)
 
 
-def test_resubmitted_arguments_under_fresh_ids_run_once(start_worker, producer, broker_conf, events):
+def test_resubmitted_arguments_under_fresh_ids_run_once(broker_conf, start_worker, producer, events):
     start_worker(broker_conf, concurrency=2)
     start_worker(broker_conf, concurrency=2)
     app = producer(broker_conf)
@@ -171,7 +175,7 @@ def test_resubmitted_arguments_under_fresh_ids_run_once(start_worker, producer, 
 
 
 def test_late_resends_after_completion_are_served_from_the_record(
-    start_worker, producer, broker_conf, events
+    broker_conf, start_worker, producer, events
 ):
     start_worker(broker_conf, concurrency=2)
     app = producer(broker_conf)
@@ -211,7 +215,7 @@ def test_visibility_timeout_redeliveries_of_running_tasks(start_worker, producer
 
 
 def test_records_redis_restarted_mid_run_loses_and_duplicates_nothing(
-    start_worker, producer, broker_conf, events
+    broker_conf, start_worker, producer, events
 ):
     with RedisServer(appendonly=True) as records:
         conf = {**broker_conf, "idempotency_redis_url": records.url, "idempotency_lock_ttl": 10}
@@ -231,7 +235,7 @@ def test_records_redis_restarted_mid_run_loses_and_duplicates_nothing(
 
 
 def test_chain_whose_first_message_is_redelivered_runs_every_step_once(
-    start_worker, producer, broker_conf, events
+    broker_conf, start_worker, producer, events
 ):
     start_worker(broker_conf, concurrency=2)
     app = producer(broker_conf)
