@@ -336,6 +336,10 @@ def beat_and_reap(channels: Any, timeout: float) -> None:
     first = consuming[0]
     try:
         beat(consuming, timeout)
+        for channel in consuming:
+            # A channel can start beating here, before its first fetch: from now on
+            # the thread keeps its heartbeat, whatever the loop is doing.
+            heartbeats().add(channel, timeout)
         with first.conn_or_acquire() as client:
             owners = {
                 bytes_to_str(tag): bytes_to_str(owner) for tag, owner in client.hgetall(OWNERS_KEY).items()
@@ -380,6 +384,8 @@ class Heartbeats:
     def add(self, channel: Any, timeout: float) -> None:
         """Beat for ``channel`` (its key lives ``timeout`` seconds) until it closes."""
         with self._lock:
+            if self._channels.get(channel) == timeout:
+                return  # already kept: the thread's schedule stands
             self._channels[channel] = timeout
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="celery-idem-heartbeat", daemon=True)

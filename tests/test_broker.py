@@ -224,6 +224,25 @@ def test_a_channel_beats_from_a_thread_until_it_is_closed(redis_url, events):
         await_change(events, key, events.exists, lambda exists: not exists)
 
 
+def test_a_channel_that_starts_beating_in_the_loops_timer_is_kept_beating_by_the_thread(redis_url, events):
+    from celery_idem.broker import HEARTBEAT_PREFIX, beat_and_reap
+
+    with Connection(redis_url, transport="celery_idem.broker:Transport") as connection:
+        channel = connection.channel()
+        with Consumer(channel, [QUEUE], callbacks=[lambda body, message: None]):
+            key = HEARTBEAT_PREFIX + channel.consumer_id
+            events.config_set("notify-keyspace-events", "K$")
+            pubsub = events.pubsub()
+            pubsub.subscribe(f"__keyspace@0__:{key}")
+            beat_and_reap([channel], timeout=0.3)  # before any fetch, and never again
+            beats = 0
+            while beats < 10:  # outlives the 0.3 s key: the thread renews it
+                message = pubsub.get_message(timeout=5)
+                assert message is not None, f"the heartbeat stopped after {beats} beats"
+                beats += message["type"] == "message"
+            pubsub.close()
+
+
 def test_live_consumers_keep_their_messages_and_dead_ones_lose_them(redis_url, events):
     from celery_idem.broker import HEARTBEAT_PREFIX, OWNERS_KEY, beat_and_reap
 
