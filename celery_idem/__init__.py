@@ -2,11 +2,17 @@
 
 Make a task idempotent with ``base=IdempotentTask``; see the README for options,
 guarantees and limits.
+
+Importing the package connects its worker hooks (:mod:`celery_idem.hooks`) and
+loads neither redis-py nor kombu's Redis transport: the worker side is loaded by
+the first delivery a worker runs.
 """
 
 from __future__ import annotations
 
-from . import signals as _signals  # noqa: F401  (connects the worker hooks)
+from typing import TYPE_CHECKING, Any
+
+from . import hooks as _hooks  # noqa: F401  (connects the worker hooks)
 from .errors import (
     BackendUnavailable,
     DuplicateTaskInProgress,
@@ -18,8 +24,10 @@ from .errors import (
     ResultNotSerializable,
     ResultTooLarge,
 )
-from .lease import Lease
 from .task import IdempotentTask
+
+if TYPE_CHECKING:
+    from .lease import Lease
 
 __version__ = "0.1.0"
 
@@ -37,3 +45,12 @@ __all__ = [
     "ResultTooLarge",
     "__version__",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # Lease lives with the worker side (redis-py): load it only when asked for.
+    if name == "Lease":
+        from .lease import Lease
+
+        return Lease
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -48,6 +48,7 @@ from queue import Empty
 from time import monotonic, time
 from typing import Any
 
+import kombu
 from celery.utils.log import get_logger
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual as kombu_virtual
@@ -55,7 +56,16 @@ from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import loads
 from redis.exceptions import NoScriptError
 
-__all__ = ["Channel", "QoS", "Transport", "beat", "beat_and_reap", "heartbeats", "supported"]
+__all__ = [
+    "TESTED_KOMBU",
+    "Channel",
+    "QoS",
+    "Transport",
+    "beat",
+    "beat_and_reap",
+    "fallback_reason",
+    "heartbeats",
+]
 
 logger = get_logger(__name__)
 
@@ -79,9 +89,34 @@ _CONNECTION_ERRORS: tuple[type[BaseException], ...] = kombu_redis.get_redis_erro
 _NEEDED = ("_brpop_start", "_brpop_read", "_get", "_q_for_pri", "priority_steps", "unacked_key")
 
 
-def supported() -> bool:
-    """True when the installed kombu has the Redis channel this transport extends."""
-    return all(hasattr(kombu_redis.Channel, name) for name in _NEEDED)
+#: The kombu minor versions this transport is tested with (``make test`` and
+#: ``make test-oldest``), first and last.
+TESTED_KOMBU = ((5, 3), (5, 7))
+
+
+def fallback_reason(version: str = kombu.__version__, channel: type = kombu_redis.Channel) -> str | None:
+    """Why workers should keep kombu's own fetch with this kombu, or None if this transport fits it.
+
+    The transport extends private methods of kombu's Redis channel, which change
+    between minor versions: it is used only with a kombu minor version it was
+    tested with, and whose channel has every method it builds on. Anything else
+    keeps kombu's own fetch, with a warning saying why, rather than risk a changed
+    behaviour.
+    """
+    try:
+        minor = tuple(int(part) for part in version.split(".")[:2])
+    except ValueError:
+        return f"kombu {version} is not a release version this transport was tested with"
+    first, last = TESTED_KOMBU
+    if not first <= minor <= last:
+        return (
+            f"kombu {version} is outside the versions celery_idem's broker transport was tested with "
+            f"({first[0]}.{first[1]} to {last[0]}.{last[1]})"
+        )
+    missing = [name for name in _NEEDED if not hasattr(channel, name)]
+    if missing:
+        return f"kombu {version}'s Redis channel has no {', '.join(missing)}"
+    return None
 
 
 class QoS(kombu_redis.QoS):

@@ -19,6 +19,7 @@ __all__ = [
     "RecordNotReadable",
     "ResultNotSerializable",
     "ResultTooLarge",
+    "describe_error",
 ]
 
 
@@ -170,3 +171,8 @@ class RecordNotReadable(IdempotencyError):
 
     def __str__(self) -> str:
         return f"the record {self.key} cannot be read: {self.reason}"
+
+
+def describe_error(exc: BaseException) -> str:
+    """``"ConnectionError: Error 111 connecting to ..."``, for messages and logs."""
+    return f"{type(exc).__name__}: {exc}"

@@ -19,7 +19,8 @@ from collections import defaultdict
 from celery.utils.log import get_logger
 from redis.exceptions import RedisError
 
-from .store import RecordStore, describe_error
+from .errors import describe_error
+from .store import RecordStore
 
 __all__ = ["Lease", "Renewer", "renewer", "reset_renewer"]
 

@@ -31,7 +31,6 @@ __all__ = [
     "Outcome",
     "Record",
     "RecordStore",
-    "describe_error",
     "reset_stores",
     "store_for",
 ]
@@ -113,11 +112,6 @@ class Record:
     token: int
     holder: str | None
     outcome: Outcome | None
-
-
-def describe_error(exc: BaseException) -> str:
-    """``"ConnectionError: Error 111 connecting to ..."``, for messages and logs."""
-    return f"{type(exc).__name__}: {exc}"
 
 
 def _text(value: bytes | str) -> str:

@@ -1,55 +1,26 @@
 """``IdempotentTask``: a Celery task that runs once per idempotency key.
 
-The state machine of a delivery, in :meth:`IdempotentTask._deliver`:
-
-1. compute the key (message header, else the task's key strategy); no key, no run;
-2. one ``EVALSHA`` against the record: ACQUIRED, FINISHED or BUSY;
-3. FINISHED: return the recorded result (or raise the recorded failure) as this
-   delivery's own outcome, without running the body;
-4. BUSY: apply ``idempotency_on_conflict`` (re-queue, wait, raise or drop);
-5. ACQUIRED: run the body while the lease is renewed, then commit the result under
-   this run's fencing token, or release the key so a retry can run.
+The class holds the task's options, computes the key on the producer side
+(:meth:`IdempotentTask.apply_async`) and hands every delivery in a worker to
+:func:`celery_idem.delivery.deliver`, the state machine of a delivery.
 """
 
 from __future__ import annotations
 
-import random
-import time
-from typing import Any, ClassVar, NoReturn
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from celery import Task, states
-from celery.exceptions import Ignore, Reject, Retry, TaskPredicate
-from celery.utils.log import get_logger
-from kombu.serialization import prepare_accept_content
+from celery import Task
 
-from . import signals
-from .codec import decode_failure, decode_result, encode_failure, encode_result
 from .config import IdempotencyConfig, resolve
-from .errors import (
-    BackendUnavailable,
-    DuplicateTaskInProgress,
-    IdempotencyKeyError,
-    LeaseLost,
-    ResultNotSerializable,
-    ResultTooLarge,
-)
 from .keys import KEY_HEADER, record_key, user_key
-from .lease import Lease, renewer
-from .store import BACKEND_ERRORS, Acquired, Busy, Finished, Outcome, RecordStore, describe_error, store_for
 
-__all__ = ["REQUEUES_HEADER", "IdempotentTask"]
+if TYPE_CHECKING:
+    from .lease import Lease
 
-logger = get_logger(__name__)
-
-#: Message header counting how often a delivery re-queued itself (for back-off).
-REQUEUES_HEADER = "idempotency_requeues"
+__all__ = ["LEASE_ATTRIBUTE", "IdempotentTask"]
 
 #: Where the lease of the current run is kept on the request context.
-_LEASE_ATTRIBUTE = "_celery_idem_lease"
-
-#: Back-off of re-queued deliveries: first delay, and the cap while Redis is away.
-_FIRST_DELAY = 0.5
-_BACKEND_RETRY_CAP = 30.0
+LEASE_ATTRIBUTE = "_celery_idem_lease"
 
 
 class IdempotentTask(Task):  # type: ignore[misc]
@@ -127,7 +98,7 @@ class IdempotentTask(Task):  # type: ignore[misc]
         the system the body writes to, so it can refuse a write carrying a lower
         token than one it has already seen.
         """
-        return getattr(self.request, _LEASE_ATTRIBUTE, None)
+        return getattr(self.request, LEASE_ATTRIBUTE, None)
 
     def record_key_for(self, args: Any = None, kwargs: Any = None, task_id: str | None = None) -> str:
         """Return the Redis key a call with these arguments (and task id) would use."""
@@ -170,225 +141,10 @@ class IdempotentTask(Task):  # type: ignore[misc]
         request = self.request_stack.top
         if request is None or request.called_directly:
             return super().__call__(*args, **kwargs)
-        return self._deliver(request, args, kwargs)
+        # The worker side, with redis-py, is loaded by the first delivery only.
+        from .delivery import deliver
 
-    def _deliver(self, request: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        config = self.resolved_idempotency
-        material = self._key_material(config, request, args, kwargs)
-        key = record_key(config.key_prefix, self.name, material)
-        store = store_for(config.redis_url, config.redis_options)
-        wait_until = None
-        poll = 0.05
-        while True:
-            try:
-                claim = store.acquire(key, request.id, config.lease_ms, config.result_ttl_ms)
-            except BACKEND_ERRORS as exc:
-                return self._on_backend_error(config, store, request, material, args, kwargs, exc)
-
-            if isinstance(claim, Acquired):
-                return self._run_holding(config, store, key, claim, request, args, kwargs)
-
-            if isinstance(claim, Finished):
-                return self._replay(key, claim)
-
-            assert isinstance(claim, Busy)
-            busy = DuplicateTaskInProgress(key, claim.holder, claim.lease_left)
-            # A redelivery of the very message being run (visibility timeout, or a
-            # republish with the same id) is always re-queued until the holder
-            # finishes: raising or dropping it would record a failure under the
-            # running task's id, or lose the work if the holder then died.
-            same_message = claim.holder == request.id and not request.is_eager
-            policy = "retry" if same_message else config.on_conflict
-            signals.task_conflict.send(
-                sender=self, request=request, key=key, holder=claim.holder, policy=policy
-            )
-            if same_message:
-                self._requeue(
-                    request, material, self._conflict_delay(config, request, claim), busy, quiet=True
-                )
-            if policy == "wait" or (policy == "retry" and request.is_eager):
-                # In eager mode there is no broker to re-queue to, so "retry" waits.
-                now = time.monotonic()
-                wait_until = wait_until or now + config.wait_timeout
-                if now >= wait_until:
-                    raise busy
-                time.sleep(min(poll, claim.lease_left + 0.01, wait_until - now))
-                poll = min(poll * 2, 1.0)
-                continue
-            if policy == "retry":
-                self._requeue(
-                    request, material, self._conflict_delay(config, request, claim), busy, quiet=False
-                )
-            if policy == "raise":
-                raise busy
-            logger.info("celery-idem: dropping %s[%s]: %s", self.name, request.id, busy)
-            if not request.ignore_result:
-                self.update_state(
-                    task_id=request.id, state=states.IGNORED, meta={"duplicate_of": claim.holder, "key": key}
-                )
-            raise Ignore()
-
-    def _key_material(self, config: IdempotencyConfig, request: Any, args: Any, kwargs: Any) -> str:
-        header = (request.headers or {}).get(KEY_HEADER)
-        if header is not None:
-            return user_key(header, f"the {KEY_HEADER} message header")
-        return config.key.material(request.id, args, kwargs)
-
-    def _run_holding(
-        self,
-        config: IdempotencyConfig,
-        store: RecordStore,
-        key: str,
-        claim: Acquired,
-        request: Any,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-    ) -> Any:
-        if claim.taken_over:
-            signals.lease_taken_over.send(sender=self, request=request, key=key, token=claim.token)
-            logger.warning(
-                "celery-idem: %s[%s] took over %s from a run that stopped renewing its lease (token %d)",
-                self.name,
-                request.id,
-                key,
-                claim.token,
-            )
-        lease = Lease(store, key, claim.token, config.lease_ms, config.result_ttl_ms)
-        setattr(request, _LEASE_ATTRIBUTE, lease)
-        renewer().hold(lease)
-        try:
-            try:
-                result = self.run(*args, **kwargs)
-            except TaskPredicate:
-                self._release(lease)
-                raise
-            except config.cache_errors as exc:
-                self._commit(config, lease, True, encode_failure(exc, self.backend, self.serializer))
-                raise
-            except BaseException:
-                self._release(lease)
-                raise
-            try:
-                outcome = encode_result(result, self.serializer, self.name, config.max_result_bytes)
-            except (ResultNotSerializable, ResultTooLarge) as exc:
-                # The body ran: record the failure so duplicates do not run it again.
-                self._commit(config, lease, True, encode_failure(exc, self.backend, self.serializer))
-                raise
-            self._commit(config, lease, False, outcome)
-            return result
-        finally:
-            renewer().drop(lease)
-
-    def _commit(self, config: IdempotencyConfig, lease: Lease, failed: bool, outcome: Outcome) -> None:
-        renewer().drop(lease)
-        # A short Redis outage (a restart, a failover) must not turn a finished run
-        # into a re-run: keep trying for as long as the lease would last.
-        give_up = time.monotonic() + config.lock_ttl
-        delay = 0.05
-        while True:
-            try:
-                lease.store.commit(lease.key, lease.token, failed, outcome, lease.keep_ms)
-            except LeaseLost:
-                lease.settled = True
-                signals.lease_lost.send(sender=self, request=self.request, key=lease.key, token=lease.token)
-                logger.error(
-                    "celery-idem: %s[%s] lost its lease on %s", self.name, self.request.id, lease.key
-                )
-                raise
-            except BACKEND_ERRORS as exc:
-                if time.monotonic() + delay > give_up:
-                    raise BackendUnavailable(lease.store.url, describe_error(exc)) from exc
-                logger.warning(
-                    "celery-idem: commit of %s failed (%s); trying again", lease.key, describe_error(exc)
-                )
-                time.sleep(delay)
-                delay = min(delay * 2, 1.0)
-            else:
-                lease.settled = True
-                return
-
-    def _release(self, lease: Lease) -> None:
-        renewer().drop(lease)
-        if lease.settled:
-            return
-        lease.settled = True
-        try:
-            lease.store.release(lease.key, lease.token, lease.keep_ms)
-        except BACKEND_ERRORS as exc:
-            logger.warning(
-                "celery-idem: could not release %s (%s); it frees itself when the lease ends in %.1fs",
-                lease.key,
-                describe_error(exc),
-                lease.lease_ms / 1000,
-            )
-
-    def _replay(self, key: str, finished: Finished) -> Any:
-        accept = prepare_accept_content(self.app.conf.accept_content)
-        signals.task_replayed.send(
-            sender=self, request=self.request, key=key, token=finished.token, failed=finished.failed
-        )
-        logger.info(
-            "celery-idem: %s[%s] already ran (token %d); returning its recorded %s",
-            self.name,
-            self.request.id,
-            finished.token,
-            "failure" if finished.failed else "result",
-        )
-        if finished.failed:
-            raise decode_failure(finished.outcome, accept, self.backend, key)
-        return decode_result(finished.outcome, accept, key)
-
-    def _on_backend_error(
-        self,
-        config: IdempotencyConfig,
-        store: RecordStore,
-        request: Any,
-        material: str,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        exc: Exception,
-    ) -> Any:
-        error = BackendUnavailable(store.url, describe_error(exc))
-        if config.on_backend_error == "run":
-            logger.warning("celery-idem: %s; running %s[%s] unprotected", error, self.name, request.id)
-            return self.run(*args, **kwargs)
-        if config.on_backend_error == "raise" or request.is_eager:
-            raise error from exc
-        delay = self._backoff(request, cap=_BACKEND_RETRY_CAP)
-        self._requeue(request, material, delay, error, quiet=False)
-
-    def _conflict_delay(self, config: IdempotencyConfig, request: Any, claim: Busy) -> float:
-        # Come back no later than the holder's lease could run out, so a crashed
-        # holder is taken over within about one lease.
-        return self._backoff(request, cap=min(claim.lease_left + 0.05, config.lock_ttl))
-
-    def _backoff(self, request: Any, cap: float) -> float:
-        requeues = int((request.headers or {}).get(REQUEUES_HEADER, 0))
-        delay = min(cap, _FIRST_DELAY * 2 ** min(requeues, 16))
-        # A message held for its countdown longer than the Redis transport's
-        # visibility timeout is delivered again; stay well under it.
-        visibility = (self.app.conf.broker_transport_options or {}).get("visibility_timeout")
-        if visibility:
-            delay = min(delay, visibility / 2)
-        return float(delay * random.uniform(0.8, 1.0))
-
-    def _requeue(self, request: Any, material: str, delay: float, reason: Exception, quiet: bool) -> NoReturn:
-        """Send this delivery again after ``delay`` seconds without using the retry budget."""
-        headers = dict(request.headers or {})
-        headers[KEY_HEADER] = material
-        headers[REQUEUES_HEADER] = int(headers.get(REQUEUES_HEADER, 0)) + 1
-        signature = self.signature_from_request(
-            request, request.args, request.kwargs, countdown=delay, retries=request.retries, headers=headers
-        )
-        try:
-            signature.apply_async()
-        except Exception as exc:
-            # Put the delivery back rather than lose it.
-            raise Reject(exc, requeue=True) from exc
-        if quiet:
-            logger.info("celery-idem: %s[%s] re-queued in %.2fs: %s", self.name, request.id, delay, reason)
-            raise Ignore()
-        raise Retry(f"re-queued in {delay:.2f}s: {reason}", exc=reason, when=delay)
+        return deliver(self, request, args, kwargs)
 
     def retry(
         self,
@@ -410,7 +166,9 @@ class IdempotentTask(Task):  # type: ignore[misc]
         lease = self.idempotency
         limit = self.max_retries if max_retries is None else max_retries
         if lease is not None and (limit is None or self.request.retries < limit):
-            self._release(lease)
+            from .delivery import release
+
+            release(lease)
         return super().retry(args, kwargs, exc, throw, eta, countdown, max_retries, **options)
 
     def release_terminated(self, request: Any) -> bool:
@@ -421,14 +179,6 @@ class IdempotentTask(Task):  # type: ignore[misc]
         when the key cannot be known without the arguments (they are not in the
         revoked request) or is not held by that task: the lease then ends by itself.
         """
-        config = self.resolved_idempotency
-        header = (request.headers or {}).get(KEY_HEADER)
-        if header is None and not config.key.needs_task_id:
-            return False
-        try:
-            material = self._key_material(config, request, (), {})
-        except IdempotencyKeyError:
-            return False
-        store = store_for(config.redis_url, config.redis_options)
-        key = record_key(config.key_prefix, self.name, material)
-        return store.release_holder(key, request.id, config.result_ttl_ms)
+        from .delivery import release_terminated
+
+        return release_terminated(self, request)

@@ -1,0 +1,300 @@
+"""The state machine of one delivery of an idempotent task, in :func:`deliver`.
+
+1. compute the key (message header, else the task's key strategy); no key, no run;
+2. one ``EVALSHA`` against the record: ACQUIRED, FINISHED or BUSY;
+3. FINISHED: return the recorded result (or raise the recorded failure) as this
+   delivery's own outcome, without running the body;
+4. BUSY: apply ``idempotency_on_conflict`` (re-queue, wait, raise or drop);
+5. ACQUIRED: run the body while the lease is renewed, then commit the result under
+   this run's fencing token, or release the key so a retry can run.
+
+This module is loaded by the first delivery a process runs, with redis-py: a
+process that only sends tasks never imports it.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from typing import TYPE_CHECKING, Any, NoReturn
+
+from celery import states
+from celery.exceptions import Ignore, Reject, Retry, TaskPredicate
+from celery.utils.log import get_logger
+from kombu.serialization import prepare_accept_content
+
+from . import signals
+from .codec import decode_failure, decode_result, encode_failure, encode_result
+from .config import IdempotencyConfig
+from .errors import (
+    BackendUnavailable,
+    DuplicateTaskInProgress,
+    IdempotencyKeyError,
+    LeaseLost,
+    ResultNotSerializable,
+    ResultTooLarge,
+    describe_error,
+)
+from .keys import KEY_HEADER, record_key, user_key
+from .lease import Lease, renewer
+from .store import BACKEND_ERRORS, Acquired, Busy, Finished, RecordStore, store_for
+from .task import LEASE_ATTRIBUTE
+
+if TYPE_CHECKING:
+    from .store import Outcome
+    from .task import IdempotentTask
+
+__all__ = ["REQUEUES_HEADER", "deliver", "key_material", "release", "release_terminated"]
+
+logger = get_logger(__name__)
+
+#: Message header counting how often a delivery re-queued itself (for back-off).
+REQUEUES_HEADER = "idempotency_requeues"
+
+#: Back-off of re-queued deliveries: first delay, and the cap while Redis is away.
+_FIRST_DELAY = 0.5
+_BACKEND_RETRY_CAP = 30.0
+
+
+def deliver(task: IdempotentTask, request: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Run one delivery of ``task``: at most one body per key, every duplicate gets its outcome."""
+    config = task.resolved_idempotency
+    material = key_material(config, request, args, kwargs)
+    key = record_key(config.key_prefix, task.name, material)
+    store = store_for(config.redis_url, config.redis_options)
+    wait_until = None
+    poll = 0.05
+    while True:
+        try:
+            claim = store.acquire(key, request.id, config.lease_ms, config.result_ttl_ms)
+        except BACKEND_ERRORS as exc:
+            return _on_backend_error(task, config, store, request, material, args, kwargs, exc)
+
+        if isinstance(claim, Acquired):
+            return _run_holding(task, config, store, key, claim, request, args, kwargs)
+
+        if isinstance(claim, Finished):
+            return _replay(task, key, claim)
+
+        assert isinstance(claim, Busy)
+        busy = DuplicateTaskInProgress(key, claim.holder, claim.lease_left)
+        # A redelivery of the very message being run (visibility timeout, or a
+        # republish with the same id) is always re-queued until the holder
+        # finishes: raising or dropping it would record a failure under the
+        # running task's id, or lose the work if the holder then died.
+        same_message = claim.holder == request.id and not request.is_eager
+        policy = "retry" if same_message else config.on_conflict
+        signals.task_conflict.send(sender=task, request=request, key=key, holder=claim.holder, policy=policy)
+        if same_message:
+            _requeue(task, request, material, _conflict_delay(task, config, request, claim), busy, quiet=True)
+        if policy == "wait" or (policy == "retry" and request.is_eager):
+            # In eager mode there is no broker to re-queue to, so "retry" waits.
+            now = time.monotonic()
+            wait_until = wait_until or now + config.wait_timeout
+            if now >= wait_until:
+                raise busy
+            time.sleep(min(poll, claim.lease_left + 0.01, wait_until - now))
+            poll = min(poll * 2, 1.0)
+            continue
+        if policy == "retry":
+            _requeue(
+                task, request, material, _conflict_delay(task, config, request, claim), busy, quiet=False
+            )
+        if policy == "raise":
+            raise busy
+        logger.info("celery-idem: dropping %s[%s]: %s", task.name, request.id, busy)
+        if not request.ignore_result:
+            task.update_state(
+                task_id=request.id, state=states.IGNORED, meta={"duplicate_of": claim.holder, "key": key}
+            )
+        raise Ignore()
+
+
+def key_material(config: IdempotencyConfig, request: Any, args: Any, kwargs: Any) -> str:
+    """The key material of a delivery: its ``idempotency_key`` header, else the task's strategy."""
+    header = (request.headers or {}).get(KEY_HEADER)
+    if header is not None:
+        return user_key(header, f"the {KEY_HEADER} message header")
+    return config.key.material(request.id, args, kwargs)
+
+
+def _run_holding(
+    task: IdempotentTask,
+    config: IdempotencyConfig,
+    store: RecordStore,
+    key: str,
+    claim: Acquired,
+    request: Any,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Any:
+    if claim.taken_over:
+        signals.lease_taken_over.send(sender=task, request=request, key=key, token=claim.token)
+        logger.warning(
+            "celery-idem: %s[%s] took over %s from a run that stopped renewing its lease (token %d)",
+            task.name,
+            request.id,
+            key,
+            claim.token,
+        )
+    lease = Lease(store, key, claim.token, config.lease_ms, config.result_ttl_ms)
+    setattr(request, LEASE_ATTRIBUTE, lease)
+    renewer().hold(lease)
+    try:
+        try:
+            result = task.run(*args, **kwargs)
+        except TaskPredicate:
+            release(lease)
+            raise
+        except config.cache_errors as exc:
+            _commit(task, config, lease, True, encode_failure(exc, task.backend, task.serializer))
+            raise
+        except BaseException:
+            release(lease)
+            raise
+        try:
+            outcome = encode_result(result, task.serializer, task.name, config.max_result_bytes)
+        except (ResultNotSerializable, ResultTooLarge) as exc:
+            # The body ran: record the failure so duplicates do not run it again.
+            _commit(task, config, lease, True, encode_failure(exc, task.backend, task.serializer))
+            raise
+        _commit(task, config, lease, False, outcome)
+        return result
+    finally:
+        renewer().drop(lease)
+
+
+def _commit(
+    task: IdempotentTask, config: IdempotencyConfig, lease: Lease, failed: bool, outcome: Outcome
+) -> None:
+    renewer().drop(lease)
+    # A short Redis outage (a restart, a failover) must not turn a finished run
+    # into a re-run: keep trying for as long as the lease would last.
+    give_up = time.monotonic() + config.lock_ttl
+    delay = 0.05
+    while True:
+        try:
+            lease.store.commit(lease.key, lease.token, failed, outcome, lease.keep_ms)
+        except LeaseLost:
+            lease.settled = True
+            signals.lease_lost.send(sender=task, request=task.request, key=lease.key, token=lease.token)
+            logger.error("celery-idem: %s[%s] lost its lease on %s", task.name, task.request.id, lease.key)
+            raise
+        except BACKEND_ERRORS as exc:
+            if time.monotonic() + delay > give_up:
+                raise BackendUnavailable(lease.store.url, describe_error(exc)) from exc
+            logger.warning(
+                "celery-idem: commit of %s failed (%s); trying again", lease.key, describe_error(exc)
+            )
+            time.sleep(delay)
+            delay = min(delay * 2, 1.0)
+        else:
+            lease.settled = True
+            return
+
+
+def release(lease: Lease) -> None:
+    """Free the key held under ``lease`` without an outcome, unless the run already settled it."""
+    renewer().drop(lease)
+    if lease.settled:
+        return
+    lease.settled = True
+    try:
+        lease.store.release(lease.key, lease.token, lease.keep_ms)
+    except BACKEND_ERRORS as exc:
+        logger.warning(
+            "celery-idem: could not release %s (%s); it frees itself when the lease ends in %.1fs",
+            lease.key,
+            describe_error(exc),
+            lease.lease_ms / 1000,
+        )
+
+
+def _replay(task: IdempotentTask, key: str, finished: Finished) -> Any:
+    accept = prepare_accept_content(task.app.conf.accept_content)
+    signals.task_replayed.send(
+        sender=task, request=task.request, key=key, token=finished.token, failed=finished.failed
+    )
+    logger.info(
+        "celery-idem: %s[%s] already ran (token %d); returning its recorded %s",
+        task.name,
+        task.request.id,
+        finished.token,
+        "failure" if finished.failed else "result",
+    )
+    if finished.failed:
+        raise decode_failure(finished.outcome, accept, task.backend, key)
+    return decode_result(finished.outcome, accept, key)
+
+
+def _on_backend_error(
+    task: IdempotentTask,
+    config: IdempotencyConfig,
+    store: RecordStore,
+    request: Any,
+    material: str,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    exc: Exception,
+) -> Any:
+    error = BackendUnavailable(store.url, describe_error(exc))
+    if config.on_backend_error == "run":
+        logger.warning("celery-idem: %s; running %s[%s] unprotected", error, task.name, request.id)
+        return task.run(*args, **kwargs)
+    if config.on_backend_error == "raise" or request.is_eager:
+        raise error from exc
+    delay = _backoff(task, request, cap=_BACKEND_RETRY_CAP)
+    _requeue(task, request, material, delay, error, quiet=False)
+
+
+def _conflict_delay(task: IdempotentTask, config: IdempotencyConfig, request: Any, claim: Busy) -> float:
+    # Come back no later than the holder's lease could run out, so a crashed
+    # holder is taken over within about one lease.
+    return _backoff(task, request, cap=min(claim.lease_left + 0.05, config.lock_ttl))
+
+
+def _backoff(task: IdempotentTask, request: Any, cap: float) -> float:
+    requeues = int((request.headers or {}).get(REQUEUES_HEADER, 0))
+    delay = min(cap, _FIRST_DELAY * 2 ** min(requeues, 16))
+    # A message held for its countdown longer than the Redis transport's
+    # visibility timeout is delivered again; stay well under it.
+    visibility = (task.app.conf.broker_transport_options or {}).get("visibility_timeout")
+    if visibility:
+        delay = min(delay, visibility / 2)
+    return float(delay * random.uniform(0.8, 1.0))
+
+
+def _requeue(
+    task: IdempotentTask, request: Any, material: str, delay: float, reason: Exception, quiet: bool
+) -> NoReturn:
+    """Send this delivery again after ``delay`` seconds without using the retry budget."""
+    headers = dict(request.headers or {})
+    headers[KEY_HEADER] = material
+    headers[REQUEUES_HEADER] = int(headers.get(REQUEUES_HEADER, 0)) + 1
+    signature = task.signature_from_request(
+        request, request.args, request.kwargs, countdown=delay, retries=request.retries, headers=headers
+    )
+    try:
+        signature.apply_async()
+    except Exception as exc:
+        # Put the delivery back rather than lose it.
+        raise Reject(exc, requeue=True) from exc
+    if quiet:
+        logger.info("celery-idem: %s[%s] re-queued in %.2fs: %s", task.name, request.id, delay, reason)
+        raise Ignore()
+    raise Retry(f"re-queued in {delay:.2f}s: {reason}", exc=reason, when=delay)
+
+
+def release_terminated(task: IdempotentTask, request: Any) -> bool:
+    """Free the key of a run this worker terminated; see :meth:`IdempotentTask.release_terminated`."""
+    config = task.resolved_idempotency
+    header = (request.headers or {}).get(KEY_HEADER)
+    if header is None and not config.key.needs_task_id:
+        return False
+    try:
+        material = key_material(config, request, (), {})
+    except IdempotencyKeyError:
+        return False
+    store = store_for(config.redis_url, config.redis_options)
+    key = record_key(config.key_prefix, task.name, material)
+    return store.release_holder(key, request.id, config.result_ttl_ms)

@@ -1,0 +1,97 @@
+"""The Celery signals celery_idem handles, connected when ``celery_idem`` is imported.
+
+* ``worker_init``: validate every idempotent task's options against the worker's
+  final configuration, and switch a Redis broker to celery_idem's transport;
+* ``worker_process_init``: give a forked pool process its own Redis connections
+  and renewal thread;
+* ``task_revoked``: free the key of a run killed by ``revoke(terminate=True)``.
+
+Nothing here connects to Redis or imports redis-py or kombu's Redis transport at
+import time: a process that only sends tasks never loads them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import signals
+from celery.utils.log import get_logger
+
+from .config import atomic_fetch_transport, check_app_settings, resolve
+from .errors import ImproperlyConfigured, describe_error
+from .task import IdempotentTask
+
+__all__ = ["release_revoked", "reset_after_fork", "validate_on_worker_start"]
+
+logger = get_logger(__name__)
+
+
+@signals.worker_init.connect(weak=False)
+def validate_on_worker_start(sender: Any = None, **kwargs: Any) -> None:
+    """Re-resolve every idempotent task's options against the worker's final config.
+
+    Also switches a Redis broker to :class:`celery_idem.broker.Transport`, whose
+    fetch cannot lose a message (see ``idempotency_atomic_redis_fetch``).
+
+    Settings may change after the tasks were bound (in ``celeryd_init`` handlers,
+    say), so they are resolved again here. A bad setting stops the worker with the
+    :class:`~celery_idem.errors.ImproperlyConfigured` message: Celery logs and
+    swallows exceptions raised by signal handlers, so this one exits instead.
+    """
+    app = sender.app
+    try:
+        check_app_settings(app)
+        for task in app.tasks.values():
+            if isinstance(task, IdempotentTask):
+                type(task)._resolved_idempotency = resolve(app, type(task))
+        transport = atomic_fetch_transport(app)
+    except ImproperlyConfigured as exc:
+        raise SystemExit(f"celery-idem: {exc}") from exc
+    if transport is not None:
+        reason = _transport_fallback_reason()
+        if reason is None:
+            # Before the consumer connects: every connection it opens uses this transport.
+            app.conf.broker_transport = transport
+            logger.info("celery-idem: fetching messages with %s", transport)
+        else:
+            logger.warning(
+                "celery-idem: fetching messages with kombu's own Redis transport: %s; "
+                "a worker killed while fetching can lose a message",
+                reason,
+            )
+
+
+def _transport_fallback_reason() -> str | None:
+    try:
+        from .broker import fallback_reason
+    except ImportError as exc:  # kombu's Redis transport itself is unusable here
+        return f"celery_idem.broker cannot be imported ({describe_error(exc)})"
+    return fallback_reason()
+
+
+@signals.worker_process_init.connect(weak=False)
+def reset_after_fork(**kwargs: Any) -> None:
+    """Give a new pool process its own Redis connections and renewal thread."""
+    from .lease import reset_renewer
+    from .store import reset_stores
+
+    reset_stores()
+    reset_renewer()
+
+
+@signals.task_revoked.connect(weak=False)
+def release_revoked(sender: Any = None, request: Any = None, terminated: bool = False, **kwargs: Any) -> None:
+    """Free the key of a run killed by ``revoke(terminate=True)`` instead of waiting out its lease."""
+    if not terminated or not isinstance(sender, IdempotentTask) or request is None:
+        return
+    from .store import BACKEND_ERRORS
+
+    try:
+        released = sender.release_terminated(request)
+    except BACKEND_ERRORS as exc:
+        logger.warning(
+            "celery-idem: could not release the key of revoked task %s: %s", request.id, describe_error(exc)
+        )
+        return
+    if released:
+        logger.info("celery-idem: released the key of terminated task %s", request.id)
