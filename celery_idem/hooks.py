@@ -1,7 +1,8 @@
 """The Celery signals celery_idem handles, connected when ``celery_idem`` is imported.
 
 * ``worker_init``: validate every idempotent task's options against the worker's
-  final configuration, and switch a Redis broker to celery_idem's transport;
+  final configuration, switch a Redis broker to celery_idem's transport, and add
+  the :class:`~celery_idem.eventloop.ReadyAwarePoll` bootstep;
 * ``worker_process_init``: give a forked pool process its own Redis connections
   and renewal thread;
 * ``task_revoked``: free the key of a run killed by ``revoke(terminate=True)``.
@@ -19,6 +20,7 @@ from celery.utils.log import get_logger
 
 from .config import atomic_fetch_transport, check_app_settings, resolve
 from .errors import ImproperlyConfigured, describe_error
+from .eventloop import ReadyAwarePoll
 from .task import IdempotentTask
 
 __all__ = ["release_revoked", "reset_after_fork", "validate_on_worker_start"]
@@ -31,7 +33,9 @@ def validate_on_worker_start(sender: Any = None, **kwargs: Any) -> None:
     """Re-resolve every idempotent task's options against the worker's final config.
 
     Also switches a Redis broker to :class:`celery_idem.broker.Transport`, whose
-    fetch cannot lose a message (see ``idempotency_atomic_redis_fetch``).
+    fetch cannot lose a message (see ``idempotency_atomic_redis_fetch``), and adds
+    the bootstep that keeps the event loop from stalling between late-acknowledged
+    tasks (:mod:`celery_idem.eventloop`).
 
     Settings may change after the tasks were bound (in ``celeryd_init`` handlers,
     say), so they are resolved again here. A bad setting stops the worker with the
@@ -47,6 +51,8 @@ def validate_on_worker_start(sender: Any = None, **kwargs: Any) -> None:
         transport = atomic_fetch_transport(app)
     except ImproperlyConfigured as exc:
         raise SystemExit(f"celery-idem: {exc}") from exc
+    # Read by the worker right after this signal, when it builds its blueprint.
+    app.steps["worker"].add(ReadyAwarePoll)
     if transport is not None:
         reason = _transport_fallback_reason()
         if reason is None:

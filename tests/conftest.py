@@ -7,6 +7,8 @@ and tests that stop or restart Redis start their own with :class:`RedisServer`.
 from __future__ import annotations
 
 import itertools
+import os
+import uuid
 from collections.abc import Iterator
 from typing import Any, Callable
 
@@ -14,6 +16,7 @@ import pytest
 import redis
 from celery import Celery
 from celery.result import allow_join_result
+from kombu import Connection
 
 from celery_idem.lease import reset_renewer
 from celery_idem.store import RecordStore, reset_stores, store_for
@@ -125,3 +128,52 @@ def pytest_runtest_makereport(item: pytest.Item, call: Any) -> Iterator[None]:
     outcome = yield
     report = outcome.get_result()
     setattr(item, f"rep_{report.when}", report)
+
+
+RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672//"
+
+
+def rabbitmq_available() -> bool:
+    try:
+        with Connection(RABBITMQ_URL, connect_timeout=2) as connection:
+            connection.ensure_connection(max_retries=1)
+        return True
+    except Exception:
+        return False
+
+
+@pytest.fixture(params=["redis", "rabbitmq"])
+def broker_conf(request: pytest.FixtureRequest, redis_url: str) -> Iterator[dict[str, Any]]:
+    """Worker settings for one broker, with a queue of this test's own.
+
+    Tests list it before ``start_worker``, so it is torn down after their workers
+    stopped: a worker still running would declare the deleted queue again.
+    """
+    queue = f"test-{uuid.uuid4().hex[:12]}"
+    if request.param == "rabbitmq":
+        if not rabbitmq_available():
+            if os.environ.get("CI"):
+                pytest.fail(f"RabbitMQ is not reachable at {RABBITMQ_URL} and CI is set")
+            pytest.skip(f"RabbitMQ is not reachable at {RABBITMQ_URL}")
+        broker = {"broker_url": RABBITMQ_URL}
+    else:
+        broker = {
+            "broker_url": redis_db(redis_url, 1),
+            # A SIGKILLed worker's unacked messages come back after this.
+            "broker_transport_options": {
+                "visibility_timeout": 5,
+                "unacked_restore_interval": 1,
+                "unacked_restore_throttle": 1,
+            },
+        }
+    yield {
+        **broker,
+        "result_backend": redis_db(redis_url, 2),
+        "idempotency_redis_url": redis_url,
+        "test_events_url": redis_url,
+        "idempotency_lock_ttl": 2,
+        "task_default_queue": queue,
+    }
+    if request.param == "rabbitmq":
+        with Connection(RABBITMQ_URL) as connection:
+            connection.default_channel.queue_delete(queue)

@@ -9,8 +9,7 @@ it (bodies work for a few hundred milliseconds), so they land mid-task, before t
 side effect; a crash between a side effect and its commit re-runs the body, which
 the README states as a limit.
 
-The RabbitMQ variants need RabbitMQ at amqp://guest:guest@127.0.0.1:5672//; they
-skip with a reason when it is absent, except under CI (``CI`` set), where they fail.
+The RabbitMQ variants use the ``broker_conf`` fixture (see ``tests/conftest.py``).
 """
 
 from __future__ import annotations
@@ -20,65 +19,13 @@ import os
 import random
 import signal
 import threading
-import uuid
-from typing import Any
 
 import pytest
 import redis
-from kombu import Connection
 
 from celery_idem.testing import RedisServer
-from tests.conftest import redis_db
 
 pytestmark = pytest.mark.chaos
-
-RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672//"
-
-
-def rabbitmq_available() -> bool:
-    try:
-        with Connection(RABBITMQ_URL, connect_timeout=2) as connection:
-            connection.ensure_connection(max_retries=1)
-        return True
-    except Exception:
-        return False
-
-
-@pytest.fixture(params=["redis", "rabbitmq"])
-def broker_conf(request: pytest.FixtureRequest, redis_url: str) -> dict[str, Any]:
-    """Worker settings for one broker, with a queue of this test's own.
-
-    Tests list it before ``start_worker``, so it is torn down after their workers
-    stopped: a worker still running would declare the deleted queue again.
-    """
-    queue = f"chaos-{uuid.uuid4().hex[:12]}"
-    if request.param == "rabbitmq":
-        if not rabbitmq_available():
-            if os.environ.get("CI"):
-                pytest.fail(f"RabbitMQ is not reachable at {RABBITMQ_URL} and CI is set")
-            pytest.skip(f"RabbitMQ is not reachable at {RABBITMQ_URL}")
-        broker = {"broker_url": RABBITMQ_URL}
-    else:
-        broker = {
-            "broker_url": redis_db(redis_url, 1),
-            # A SIGKILLed worker's unacked messages come back after this.
-            "broker_transport_options": {
-                "visibility_timeout": 5,
-                "unacked_restore_interval": 1,
-                "unacked_restore_throttle": 1,
-            },
-        }
-    yield {
-        **broker,
-        "result_backend": redis_db(redis_url, 2),
-        "idempotency_redis_url": redis_url,
-        "test_events_url": redis_url,
-        "idempotency_lock_ttl": 2,
-        "task_default_queue": queue,
-    }
-    if request.param == "rabbitmq":
-        with Connection(RABBITMQ_URL) as connection:
-            connection.default_channel.queue_delete(queue)
 
 
 class Killer(threading.Thread):

@@ -71,6 +71,14 @@ def body(task: Task, label: str, hold: Any = None, fail: str | None = None) -> d
     return report
 
 
+def tick_body(task: Task, total: int) -> None:
+    """A short body for drains: record when it ran; announce the last one."""
+    r = events(events_url(task.app))
+    r.rpush("ticks", time.time())
+    if r.incr("ticks:count") == total:
+        r.rpush("ticks:drained", "1")
+
+
 def make_app(conf: dict[str, Any]) -> Celery:
     """Build the test app from ``conf`` (broker, Redis, and any idempotency settings)."""
     app = Celery("worker_app", set_as_current=False)
@@ -121,6 +129,14 @@ def make_app(conf: dict[str, Any]) -> Celery:
     @app.task(bind=True, shared=False, name="t.plain", acks_late=True, reject_on_worker_lost=True)
     def plain(self: Task, label: str, hold: Any = None, fail: str | None = None) -> dict[str, Any]:
         return body(self, label, hold, fail)
+
+    @app.task(base=IdempotentTask, bind=True, shared=False, name="t.tick", ignore_result=True)
+    def tick(self: Task, total: int) -> None:
+        tick_body(self, total)
+
+    @app.task(bind=True, shared=False, name="t.plain_tick", acks_late=True, ignore_result=True)
+    def plain_tick(self: Task, total: int) -> None:
+        tick_body(self, total)
 
     @app.task(base=IdempotentTask, bind=True, shared=False, name="t.step")
     def step(self: Task, previous: Any, label: str) -> list[Any]:
