@@ -53,6 +53,7 @@ DEFAULTS: Mapping[str, Any] = MappingProxyType(
         "idempotency_on_backend_error": "retry",
         "idempotency_cache_errors": (),
         "idempotency_max_result_bytes": 1048576,
+        "idempotency_worker_expiry": True,
     }
 )
 
@@ -87,6 +88,7 @@ class IdempotencyConfig:
     on_backend_error: str
     cache_errors: tuple[type[BaseException], ...]
     max_result_bytes: int
+    worker_expiry: bool
 
     @property
     def lease_ms(self) -> int:
@@ -130,6 +132,7 @@ def resolve(app: Celery, task_cls: type) -> IdempotencyConfig:
         ),
         cache_errors=_exception_classes(raw["idempotency_cache_errors"]),
         max_result_bytes=_positive_int(raw["idempotency_max_result_bytes"], "idempotency_max_result_bytes"),
+        worker_expiry=_flag(raw["idempotency_worker_expiry"], "idempotency_worker_expiry"),
     )
 
 
@@ -261,6 +264,12 @@ def _seconds(value: Any, option: str, minimum: float) -> float:
 def _positive_int(value: Any, option: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ImproperlyConfigured(f"{option} must be a positive int; got {value!r}")
+    return value
+
+
+def _flag(value: Any, option: str) -> bool:
+    if not isinstance(value, bool):
+        raise ImproperlyConfigured(f"{option} must be True or False; got {value!r}")
     return value
 
 

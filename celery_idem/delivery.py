@@ -153,7 +153,10 @@ def _run_holding(
             release(lease)
             raise
         try:
-            outcome = encode_result(result, task.serializer, task.name, config.max_result_bytes)
+            # As Celery's backends store it: result objects (AsyncResult,
+            # GroupResult) in their tuple form, which a duplicate then returns.
+            value = task.backend.prepare_value(result)
+            outcome = encode_result(value, task.serializer, task.name, config.max_result_bytes)
         except (ResultNotSerializable, ResultTooLarge) as exc:
             # The body ran: record the failure so duplicates do not run it again.
             _commit(task, config, lease, True, encode_failure(exc, task.backend, task.serializer))

@@ -5,7 +5,9 @@
   the :class:`~celery_idem.eventloop.ReadyAwarePoll` bootstep;
 * ``worker_process_init``: give a forked pool process its own Redis connections
   and renewal thread;
-* ``task_revoked``: free the key of a run killed by ``revoke(terminate=True)``.
+* ``task_revoked``: free the key of a run killed by ``revoke(terminate=True)``;
+* ``before_task_publish``: leave an idempotent task's ``expires`` to the worker
+  (``idempotency_worker_expiry``).
 
 Nothing here connects to Redis or imports redis-py or kombu's Redis transport at
 import time: a process that only sends tasks never loads them.
@@ -21,9 +23,9 @@ from celery.utils.log import get_logger
 from .config import atomic_fetch_transport, check_app_settings, resolve
 from .errors import ImproperlyConfigured, describe_error
 from .eventloop import ReadyAwarePoll
-from .task import IdempotentTask
+from .task import WITHOUT_BROKER_TTL, IdempotentTask
 
-__all__ = ["release_revoked", "reset_after_fork", "validate_on_worker_start"]
+__all__ = ["drop_broker_ttl", "release_revoked", "reset_after_fork", "validate_on_worker_start"]
 
 logger = get_logger(__name__)
 
@@ -101,3 +103,17 @@ def release_revoked(sender: Any = None, request: Any = None, terminated: bool = 
         return
     if released:
         logger.info("celery-idem: released the key of terminated task %s", request.id)
+
+
+@signals.before_task_publish.connect(weak=False)
+def drop_broker_ttl(sender: Any = None, properties: Any = None, **kwargs: Any) -> None:
+    """Publish an idempotent task's message without the broker's per-message TTL.
+
+    Celery turns ``expires`` into both a message header, which the worker checks,
+    and the AMQP ``expiration`` property, which RabbitMQ applies by dropping the
+    message unseen. Only while :meth:`IdempotentTask.apply_async` publishes one with
+    ``idempotency_worker_expiry`` on; the header stays, so a worker that receives
+    the message after it expired discards it and records it as REVOKED.
+    """
+    if properties is not None and WITHOUT_BROKER_TTL.get():
+        properties.pop("expiration", None)

@@ -7,6 +7,7 @@ The class holds the task's options, computes the key on the producer side
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from celery import Task
@@ -17,10 +18,14 @@ from .keys import KEY_HEADER, record_key, user_key
 if TYPE_CHECKING:
     from .lease import Lease
 
-__all__ = ["LEASE_ATTRIBUTE", "IdempotentTask"]
+__all__ = ["LEASE_ATTRIBUTE", "WITHOUT_BROKER_TTL", "IdempotentTask"]
 
 #: Where the lease of the current run is kept on the request context.
 LEASE_ATTRIBUTE = "_celery_idem_lease"
+
+#: Set while an idempotent task with ``expires`` is published: the publish hook
+#: (:func:`celery_idem.hooks.drop_broker_ttl`) then leaves the expiry to the worker.
+WITHOUT_BROKER_TTL: ContextVar[bool] = ContextVar("celery_idem_without_broker_ttl", default=False)
 
 
 class IdempotentTask(Task):  # type: ignore[misc]
@@ -72,6 +77,8 @@ class IdempotentTask(Task):  # type: ignore[misc]
     idempotency_cache_errors: ClassVar[Any] = None
     #: Largest encoded result that can be recorded (default 1 MiB).
     idempotency_max_result_bytes: ClassVar[int | None] = None
+    #: ``expires`` enforced by the worker (recorded as REVOKED), not as a broker TTL (default True).
+    idempotency_worker_expiry: ClassVar[bool | None] = None
 
     _resolved_idempotency: ClassVar[IdempotencyConfig | None] = None
 
@@ -124,6 +131,12 @@ class IdempotentTask(Task):  # type: ignore[misc]
         ``idempotency_key="..."`` sets this call's key. Otherwise the key is computed
         here when it does not depend on the task id, so a bad argument fails in the
         caller, not in the worker; a header already present (a retry) is kept.
+
+        With ``expires`` and ``idempotency_worker_expiry`` (the default), the message
+        carries its expiry for the worker only, without the broker's per-message TTL
+        Celery also sets: RabbitMQ drops a message whose TTL passed while it waited,
+        unseen, so nobody records it and ``result.get()`` waits forever, whereas a
+        worker that receives an expired message records it as REVOKED.
         """
         override = options.pop("idempotency_key", None)
         headers = dict(options.get("headers") or {})
@@ -133,7 +146,13 @@ class IdempotentTask(Task):  # type: ignore[misc]
         elif KEY_HEADER not in headers and not self.resolved_idempotency.key.needs_task_id:
             headers[KEY_HEADER] = self.resolved_idempotency.key.material(task_id, args or (), kwargs or {})
             options["headers"] = headers
-        return super().apply_async(args, kwargs, task_id, producer, link, link_error, shadow, **options)
+        if options.get("expires") is None or not self.resolved_idempotency.worker_expiry:
+            return super().apply_async(args, kwargs, task_id, producer, link, link_error, shadow, **options)
+        token = WITHOUT_BROKER_TTL.set(True)
+        try:
+            return super().apply_async(args, kwargs, task_id, producer, link, link_error, shadow, **options)
+        finally:
+            WITHOUT_BROKER_TTL.reset(token)
 
     # -- worker side ---------------------------------------------------------------
 

@@ -96,6 +96,7 @@ OPTIONS: dict[str, tuple[str, Any, Any, Any, Any]] = {
     "idempotency_on_backend_error": ("on_backend_error", "run", "raise", "retry", str),
     "idempotency_cache_errors": ("cache_errors", (KeyError,), (ValueError,), (), tuple),
     "idempotency_max_result_bytes": ("max_result_bytes", 100, 200, 1048576, int),
+    "idempotency_worker_expiry": ("worker_expiry", False, False, True, bool),
 }
 
 
@@ -290,6 +291,10 @@ INVALID = [
     *(
         pytest.param("idempotency_key_prefix", value, id=f"key_prefix={value!r}")
         for value in ["", "a{b}", "{", "x}", 5]
+    ),
+    *(
+        pytest.param("idempotency_worker_expiry", value, id=f"worker_expiry={value!r}")
+        for value in [0, 1, "yes", None.__class__]
     ),
     pytest.param("idempotency_redis_options", ["socket_timeout", 5], id="redis_options-list"),
     pytest.param("idempotency_redis_options", "socket_timeout=5", id="redis_options-str"),
@@ -586,3 +591,10 @@ def test_worker_uses_settings_changed_in_celeryd_init(worker_conf: dict[str, Any
     done = run_worker([sys.executable, "-c", LATE_SETTINGS_WORKER], worker_conf, IDEM_LATE_CONF=late)
     assert done.returncode == 0, done.stdout[-4000:]
     assert "ready with lock_ttl=9.0 on_conflict=raise" in done.stdout
+
+
+def test_worker_expiry_off_on_the_task_beats_the_app_setting() -> None:
+    assert (
+        resolve_task({"idempotency_worker_expiry": True}, idempotency_worker_expiry=False).worker_expiry
+        is False
+    )

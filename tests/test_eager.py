@@ -372,3 +372,19 @@ def test_pool_process_start_gives_fresh_connections_and_renewer(redis_url):
     celery_signals.worker_process_init.send(sender="test")
     assert store_for(redis_url, {}) is not store
     assert renewer() is not keeper
+
+
+@pytest.mark.parametrize("kind", ["async", "group", "chain"])
+def test_a_result_object_is_recorded_in_its_tuple_form(eager, events, kind):
+    from celery.result import ResultBase, result_from_tuple
+
+    app = eager(task_always_eager=False)
+    task = app.tasks["t.spawn"]
+    app.conf.task_always_eager = True  # the spawned tasks run eagerly too
+    first = task.apply((f"e-{kind}", kind), task_id=f"eager-{kind}")
+    assert first.state == states.SUCCESS
+    spawned = value(first)
+    assert isinstance(spawned, ResultBase)
+    duplicate = value(task.apply((f"e-{kind}", kind), task_id=f"eager-{kind}"))
+    assert runs(events, f"e-{kind}") == 1
+    assert result_from_tuple(duplicate, app).id == spawned.id

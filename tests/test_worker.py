@@ -370,3 +370,31 @@ def test_commit_survives_a_redis_restart_after_the_body_ran(start_worker, produc
         report = result.get(timeout=60)
         assert app.tasks["t.by_label"].delay("rs").get(timeout=30) == report
         assert runs(events, "rs") == 1
+
+
+def shape(value):
+    """A result tuple with its task ids blanked, to compare two runs' results."""
+    if isinstance(value, list):
+        return [shape(item) for item in value]
+    return "<id>" if isinstance(value, str) else value
+
+
+@pytest.mark.parametrize("kind", ["async", "group", "chain"])
+def test_a_task_returning_a_result_object_is_recorded_and_replayed_as_celery_stores_it(
+    start_worker, producer, worker_conf, events, kind
+):
+    from celery.result import result_from_tuple
+
+    start_worker(worker_conf, concurrency=2)
+    app = producer()
+    first = app.tasks["t.spawn"].apply_async((f"sp-{kind}", kind), task_id=f"spawn-{kind}")
+    recorded = first.get(timeout=30)
+    assert first.state == states.SUCCESS
+    again = app.tasks["t.spawn"].apply_async((f"sp-{kind}", kind), task_id=f"spawn-{kind}")
+    assert again.get(timeout=30) == recorded
+    assert runs(events, f"sp-{kind}") == 1
+    # What a plain task returning the same object gives to AsyncResult.get().
+    plain = app.tasks["t.plain_spawn"].delay(f"plain-{kind}", kind).get(timeout=30)
+    assert shape(recorded) == shape(plain)
+    spawned = result_from_tuple(recorded, app)
+    assert spawned.get(timeout=30) == ([2, 4] if kind == "group" else 2 if kind == "async" else 4)

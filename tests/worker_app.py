@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 import redis
-from celery import Celery, Task, signals
+from celery import Celery, Task, group, signals
 
 from celery_idem import IdempotentTask
 
@@ -129,6 +129,27 @@ def make_app(conf: dict[str, Any]) -> Celery:
     @app.task(bind=True, shared=False, name="t.plain", acks_late=True, reject_on_worker_lost=True)
     def plain(self: Task, label: str, hold: Any = None, fail: str | None = None) -> dict[str, Any]:
         return body(self, label, hold, fail)
+
+    @app.task(shared=False, name="t.add")
+    def add(x: int, y: int) -> int:
+        return x + y
+
+    def spawn_body(task: Task, label: str, kind: str) -> Any:
+        events(events_url(task.app)).incr(f"runs:{label}")
+        if kind == "async":
+            return add.delay(1, 1)
+        if kind == "group":
+            return group(add.s(1, 1), add.s(2, 2)).apply_async()
+        return (add.s(1, 1) | add.s(2)).apply_async()
+
+    @app.task(base=IdempotentTask, bind=True, shared=False, name="t.spawn")
+    def spawn(self: Task, label: str, kind: str) -> Any:
+        """Return the result object of tasks this one sent, as Celery allows."""
+        return spawn_body(self, label, kind)
+
+    @app.task(bind=True, shared=False, name="t.plain_spawn")
+    def plain_spawn(self: Task, label: str, kind: str) -> Any:
+        return spawn_body(self, label, kind)
 
     @app.task(base=IdempotentTask, bind=True, shared=False, name="t.tick", ignore_result=True)
     def tick(self: Task, total: int) -> None:
