@@ -13,7 +13,7 @@ import difflib
 import inspect
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -31,6 +31,7 @@ __all__ = [
     "BACKEND_ERROR_POLICIES",
     "CONFLICT_POLICIES",
     "DEFAULTS",
+    "DatabaseSpec",
     "IdempotencyConfig",
     "atomic_fetch_transport",
     "check_app_settings",
@@ -54,6 +55,10 @@ DEFAULTS: Mapping[str, Any] = MappingProxyType(
         "idempotency_cache_errors": (),
         "idempotency_max_result_bytes": 1048576,
         "idempotency_worker_expiry": True,
+        "idempotency_database_url": None,
+        "idempotency_database_options": {},
+        "idempotency_database": None,
+        "idempotency_transaction": False,
     }
 )
 
@@ -74,6 +79,24 @@ _FALLBACK_URL = "redis://localhost:6379/0"
 
 
 @dataclass(frozen=True)
+class DatabaseSpec:
+    """Where ``self.idempotency.transaction`` writes, as configured (nothing is imported yet).
+
+    ``kind`` is ``"postgres"`` (``idempotency_database_url``, through psycopg),
+    ``"sqlalchemy"`` (an ``Engine`` in ``idempotency_database``), ``"django"`` (a
+    database alias of the Django project) or ``"custom"`` (an object implementing
+    :class:`celery_idem.effects.Database`).
+    """
+
+    kind: str
+    #: The URL (postgres), the alias (django), or a description, without passwords.
+    where: str
+    #: The URL itself, the engine, the alias or the object.
+    target: Any
+    options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+
+
+@dataclass(frozen=True)
 class IdempotencyConfig:
     """The resolved, validated options of one task."""
 
@@ -89,6 +112,8 @@ class IdempotencyConfig:
     cache_errors: tuple[type[BaseException], ...]
     max_result_bytes: int
     worker_expiry: bool
+    database: DatabaseSpec | None = None
+    transaction: bool = False
 
     @property
     def lease_ms(self) -> int:
@@ -118,6 +143,15 @@ def resolve(app: Celery, task_cls: type) -> IdempotencyConfig:
         raw[name] = default if value is None else value
 
     url = raw["idempotency_redis_url"] or default_redis_url(app)
+    database = _database(
+        raw["idempotency_database_url"], raw["idempotency_database_options"], raw["idempotency_database"]
+    )
+    transaction = _flag(raw["idempotency_transaction"], "idempotency_transaction")
+    if transaction and database is None:
+        raise ImproperlyConfigured(
+            "idempotency_transaction=True runs the body in a database transaction, but no database "
+            "is configured: set idempotency_database_url (PostgreSQL) or idempotency_database"
+        )
     return IdempotencyConfig(
         redis_url=_redis_url(url),
         redis_options=_redis_options(raw["idempotency_redis_options"]),
@@ -133,6 +167,8 @@ def resolve(app: Celery, task_cls: type) -> IdempotencyConfig:
         cache_errors=_exception_classes(raw["idempotency_cache_errors"]),
         max_result_bytes=_positive_int(raw["idempotency_max_result_bytes"], "idempotency_max_result_bytes"),
         worker_expiry=_flag(raw["idempotency_worker_expiry"], "idempotency_worker_expiry"),
+        database=database,
+        transaction=transaction,
     )
 
 
@@ -265,6 +301,60 @@ def _positive_int(value: Any, option: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ImproperlyConfigured(f"{option} must be a positive int; got {value!r}")
     return value
+
+
+_POSTGRES_SCHEMES = ("postgresql", "postgres")
+
+
+def _database(url: Any, options: Any, database: Any) -> DatabaseSpec | None:
+    if not isinstance(options, Mapping):
+        raise ImproperlyConfigured(
+            f"idempotency_database_options must be a dict of connection arguments; got {options!r}"
+        )
+    if url is not None and database is not None:
+        raise ImproperlyConfigured(
+            "set either idempotency_database_url or idempotency_database, not both "
+            f"(got {_redact(str(url))!r} and {database!r})"
+        )
+    if url is not None:
+        if not isinstance(url, str) or urlsplit(url).scheme not in _POSTGRES_SCHEMES:
+            raise ImproperlyConfigured(
+                "idempotency_database_url must be a postgresql:// URL (psycopg 3, extra "
+                f"celery-idem[postgres]); got {_redact(str(url))!r}"
+            )
+        return DatabaseSpec("postgres", _redact(url), url, MappingProxyType(dict(options)))
+    if database is None:
+        if options:
+            raise ImproperlyConfigured(
+                "idempotency_database_options is set but no database is: set idempotency_database_url"
+            )
+        return None
+    if isinstance(database, str):
+        kind, _, alias = database.partition(":")
+        if kind != "django" or (_ and not alias):
+            raise ImproperlyConfigured(
+                "idempotency_database as a string must be 'django' or 'django:<alias>' (a Django "
+                f"database alias); got {database!r}"
+            )
+        return DatabaseSpec("django", alias or "default", alias or "default")
+    module = type(database).__module__ or ""
+    if module.startswith("sqlalchemy") and hasattr(database, "begin"):
+        return DatabaseSpec("sqlalchemy", _redact(str(getattr(database, "url", database))), database)
+    if all(hasattr(database, name) for name in ("atomic", "unavailable", "conflict", "where")):
+        return DatabaseSpec("custom", str(database.where), database)
+    raise ImproperlyConfigured(
+        "idempotency_database must be a SQLAlchemy Engine, 'django' or 'django:<alias>', or an "
+        f"object implementing celery_idem.effects.Database; got {database!r}"
+    )
+
+
+def _redact(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    credentials, at, host = rest.rpartition("@")
+    if not at:
+        return url
+    user = credentials.split(":", 1)[0]
+    return f"{scheme}{sep}{user}:***@{host}" if user else f"{scheme}{sep}***@{host}"
 
 
 def _flag(value: Any, option: str) -> bool:

@@ -26,6 +26,7 @@ from kombu.serialization import prepare_accept_content
 from . import signals
 from .codec import decode_failure, decode_result, encode_failure, encode_result
 from .config import IdempotencyConfig
+from .effects import Run
 from .errors import (
     BackendUnavailable,
     DuplicateTaskInProgress,
@@ -37,11 +38,10 @@ from .errors import (
 )
 from .keys import KEY_HEADER, record_key, user_key
 from .lease import Lease, renewer
-from .store import BACKEND_ERRORS, Acquired, Busy, Finished, RecordStore, store_for
-from .task import LEASE_ATTRIBUTE
+from .store import BACKEND_ERRORS, Acquired, Busy, Finished, Outcome, RecordStore, store_for
+from .task import RUN_ATTRIBUTE
 
 if TYPE_CHECKING:
-    from .store import Outcome
     from .task import IdempotentTask
 
 __all__ = ["REQUEUES_HEADER", "deliver", "key_material", "release", "release_terminated"]
@@ -138,29 +138,47 @@ def _run_holding(
             claim.token,
         )
     lease = Lease(store, key, claim.token, config.lease_ms, config.result_ttl_ms)
-    setattr(request, LEASE_ATTRIBUTE, lease)
+    run = Run(task, config, lease, claim.fence, claim.first, claim.steps)
+    setattr(request, RUN_ATTRIBUTE, run)
     renewer().hold(lease)
+    outcome: Outcome | None = None
     try:
         try:
-            result = task.run(*args, **kwargs)
+            if config.transaction:
+                # The whole body in one database transaction with its result.
+                result, outcome = run.whole_body(lambda: task.run(*args, **kwargs))
+            else:
+                result = task.run(*args, **kwargs)
         except TaskPredicate:
             release(lease)
             raise
+        except BackendUnavailable as exc:
+            # Redis or the database went away mid-body (a step or a transaction
+            # could not be made or stored): free the key, then the backend-error
+            # policy; what the body stored stays for the next attempt to replay.
+            release(lease)
+            if config.on_backend_error != "retry" or request.is_eager:
+                raise
+            material = key_material(config, request, args, kwargs)
+            _requeue(
+                task, request, material, _backoff(task, request, cap=_BACKEND_RETRY_CAP), exc, quiet=False
+            )
         except config.cache_errors as exc:
             _commit(task, config, lease, True, encode_failure(exc, task.backend, task.serializer))
             raise
         except BaseException:
             release(lease)
             raise
-        try:
-            # As Celery's backends store it: result objects (AsyncResult,
-            # GroupResult) in their tuple form, which a duplicate then returns.
-            value = task.backend.prepare_value(result)
-            outcome = encode_result(value, task.serializer, task.name, config.max_result_bytes)
-        except (ResultNotSerializable, ResultTooLarge) as exc:
-            # The body ran: record the failure so duplicates do not run it again.
-            _commit(task, config, lease, True, encode_failure(exc, task.backend, task.serializer))
-            raise
+        if outcome is None:
+            try:
+                # As Celery's backends store it: result objects (AsyncResult,
+                # GroupResult) in their tuple form, which a duplicate then returns.
+                value = task.backend.prepare_value(result)
+                outcome = encode_result(value, task.serializer, task.name, config.max_result_bytes)
+            except (ResultNotSerializable, ResultTooLarge) as exc:
+                # The body ran: record the failure so duplicates do not run it again.
+                _commit(task, config, lease, True, encode_failure(exc, task.backend, task.serializer))
+                raise
         _commit(task, config, lease, False, outcome)
         return result
     finally:

@@ -11,7 +11,10 @@ from celery.exceptions import ImproperlyConfigured as _CeleryImproperlyConfigure
 
 __all__ = [
     "BackendUnavailable",
+    "DatabaseUnavailable",
+    "DuplicateStepName",
     "DuplicateTaskInProgress",
+    "FenceRefused",
     "IdempotencyError",
     "IdempotencyKeyError",
     "ImproperlyConfigured",
@@ -19,6 +22,7 @@ __all__ = [
     "RecordNotReadable",
     "ResultNotSerializable",
     "ResultTooLarge",
+    "StepMismatch",
     "describe_error",
 ]
 
@@ -98,6 +102,75 @@ class LeaseLost(IdempotencyError):
         )
 
 
+class FenceRefused(LeaseLost):
+    """A run with a higher fence has already written to the database for this key.
+
+    Raised by ``self.idempotency.transaction`` in a run that was taken over (it was
+    paused, or cut off, past its lease): its transaction was rolled back, so none of
+    its writes happened.
+    """
+
+    def __init__(self, key: str, token: int, fence: int, current_fence: int, step: str) -> None:
+        IdempotencyError.__init__(self, key, token, fence, current_fence, step)
+        self.key = key
+        self.token = token
+        self.state = "superseded"
+        self.current_token = 0
+        #: This run's fence, and the higher one already in the database.
+        self.fence = fence
+        self.current_fence = current_fence
+        #: The step this run tried to write.
+        self.step = step
+
+    def __str__(self) -> str:
+        return (
+            f"a run of {self.key} with a higher fence ({self.current_fence}) has already written "
+            f"to the database; this run (fence {self.fence}) was taken over, and its transaction "
+            f"{self.step!r} was rolled back"
+        )
+
+
+class StepMismatch(IdempotencyError):
+    """A step stored for this key was called with other arguments than this call's.
+
+    The code of the task changed under a key that was still running (or a step's
+    arguments depend on something outside the task's arguments): the stored value
+    may not be the answer to this call, so it is not returned. Give the step another
+    ``name=`` if it is a different step now.
+    """
+
+    def __init__(self, key: str, step: str) -> None:
+        super().__init__(key, step)
+        self.key = key
+        self.step = step
+
+    def __str__(self) -> str:
+        return (
+            f"step {self.step!r} of {self.key} was stored for other arguments than this call's; "
+            "the task's code changed under a running key: give the step another name= if it "
+            "is a different step now"
+        )
+
+
+class DuplicateStepName(IdempotencyError):
+    """One run called two steps (or transactions) by the same name.
+
+    Steps are told apart by name (by default the function's qualified name): a
+    second call under the same name would replay the first one's value. Pass
+    ``name=`` to tell the calls apart.
+    """
+
+    def __init__(self, step: str) -> None:
+        super().__init__(step)
+        self.step = step
+
+    def __str__(self) -> str:
+        return (
+            f"this run already called a step named {self.step!r}; pass name='...' to give each "
+            "call of the same function its own name"
+        )
+
+
 class BackendUnavailable(IdempotencyError):
     """The Redis server that keeps the records could not be reached.
 
@@ -114,6 +187,17 @@ class BackendUnavailable(IdempotencyError):
 
     def __str__(self) -> str:
         return f"idempotency records at {self.url} are unreachable: {self.reason}"
+
+
+class DatabaseUnavailable(BackendUnavailable):
+    """The database of ``self.idempotency.transaction`` could not be reached.
+
+    The transaction was rolled back. The run follows ``idempotency_on_backend_error``
+    like a Redis outage: ``retry`` frees the key and re-queues the delivery.
+    """
+
+    def __str__(self) -> str:
+        return f"the database at {self.url} is unreachable: {self.reason}"
 
 
 class ResultNotSerializable(IdempotencyError):

@@ -79,12 +79,14 @@ def _transport_fallback_reason() -> str | None:
 
 @signals.worker_process_init.connect(weak=False)
 def reset_after_fork(**kwargs: Any) -> None:
-    """Give a new pool process its own Redis connections and renewal thread."""
+    """Give a new pool process its own Redis and database connections and renewal thread."""
+    from .effects import reset_databases
     from .lease import reset_renewer
     from .store import reset_stores
 
     reset_stores()
     reset_renewer()
+    reset_databases()
 
 
 @signals.task_revoked.connect(weak=False)

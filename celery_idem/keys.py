@@ -51,6 +51,7 @@ __all__ = [
     "canonical_json",
     "encode_value",
     "record_key",
+    "steps_key",
     "strategy_for",
     "user_key",
 ]
@@ -149,6 +150,11 @@ def record_key(prefix: str, task_name: str, material: str) -> str:
     length that cannot reach outside ``prefix``.
     """
     return f"{prefix}:{{{_digest({'key': material, 'task': task_name})}}}"
+
+
+def steps_key(record: str) -> str:
+    """Return the Redis key of the steps stored for ``record`` (same hash slot)."""
+    return f"{record}:steps"
 
 
 def user_key(value: Any, source: str) -> str:

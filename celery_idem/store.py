@@ -14,7 +14,7 @@ import json
 import os
 import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Union
 
@@ -22,6 +22,7 @@ import redis
 from redis.exceptions import NoScriptError
 
 from .errors import LeaseLost
+from .keys import steps_key
 
 __all__ = [
     "BACKEND_ERRORS",
@@ -63,6 +64,7 @@ _ACQUIRE = _Script("acquire")
 _RENEW = _Script("renew")
 _COMMIT = _Script("commit")
 _RELEASE = _Script("release")
+_STEP = _Script("step")
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,12 @@ class Acquired:
     token: int
     #: True when the lease of a run that stopped renewing was taken over.
     taken_over: bool
+    #: A value higher than every earlier run of the key had, across records too.
+    fence: int = 0
+    #: True when no record existed: no earlier run of the key stored anything.
+    first: bool = True
+    #: The steps earlier runs stored (name -> encoded value).
+    steps: Mapping[str, bytes] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -112,6 +120,7 @@ class Record:
     token: int
     holder: str | None
     outcome: Outcome | None
+    fence: int = 0
 
 
 def _text(value: bytes | str) -> str:
@@ -134,7 +143,14 @@ class RecordStore:
         reply = self._run(_ACQUIRE, key, holder, lease_ms, keep_ms)
         kind = reply[0]
         if kind == 0:
-            return Acquired(token=int(reply[1]), taken_over=bool(reply[2]))
+            flat = reply[5]
+            return Acquired(
+                token=int(reply[1]),
+                taken_over=bool(reply[2]),
+                fence=int(reply[3]),
+                first=bool(reply[4]),
+                steps={_text(flat[i]): flat[i + 1] for i in range(0, len(flat), 2)},
+            )
         if kind == 1:
             return Finished(
                 token=int(reply[1]),
@@ -157,7 +173,7 @@ class RecordStore:
             pipe = self.client.pipeline(transaction=False)
             for i in pending:
                 key, token, lease_ms, keep_ms = leases[i]
-                pipe.evalsha(_RENEW.sha, 1, key, token, lease_ms, keep_ms)
+                pipe.evalsha(_RENEW.sha, 2, key, steps_key(key), token, lease_ms, keep_ms)
             replies = pipe.execute(raise_on_error=False)
             missing = []
             for i, reply in zip(pending, replies):
@@ -186,6 +202,16 @@ class RecordStore:
         if reply[0] != 1:
             raise LeaseLost(key, token, _text(reply[1]), int(reply[2]))
 
+    def store_step(self, key: str, token: int, name: str, value: bytes) -> None:
+        """Store the value of step ``name`` of the run holding ``token``.
+
+        Raises :class:`~celery_idem.errors.LeaseLost` when another run holds or
+        finished the key: nothing is stored.
+        """
+        reply = self._run(_STEP, key, token, name, value)
+        if reply != 1:
+            raise LeaseLost(key, token, _text(reply[1]), int(reply[2]))
+
     def release(self, key: str, token: int, keep_ms: int) -> bool:
         """Free the lease held under ``token`` without an outcome; False if not held."""
         return bool(self._run(_RELEASE, key, "token", token, keep_ms))
@@ -209,6 +235,7 @@ class RecordStore:
             token=int(fields.get("token", 0)),
             holder=_text(holder) if holder is not None else None,
             outcome=outcome,
+            fence=int(fields.get("fence", 0)),
         )
 
     def _run(self, script: _Script, key: str, *args: Any) -> Any:
@@ -225,6 +252,7 @@ class RecordStore:
         and reports it busy, a repeated commit is accepted, a repeated release is a
         no-op).
         """
+        steps = steps_key(key)
         if self._pid != os.getpid():  # a forked child: the parent's sockets are not ours
             self._idle, self._pid = [], os.getpid()
         try:
@@ -233,13 +261,13 @@ class RecordStore:
             connection = self.client.connection_pool.make_connection()
 
         def call() -> Any:
-            connection.send_command("EVALSHA", script.sha, 1, key, *args)
+            connection.send_command("EVALSHA", script.sha, 2, key, steps, *args)
             try:
                 return connection.read_response()
             except NoScriptError:
                 connection.send_command("SCRIPT", "LOAD", script.source)
                 connection.read_response()
-                connection.send_command("EVALSHA", script.sha, 1, key, *args)
+                connection.send_command("EVALSHA", script.sha, 2, key, steps, *args)
                 return connection.read_response()
 
         def attempt() -> Any:

@@ -16,12 +16,12 @@ from .config import IdempotencyConfig, resolve
 from .keys import KEY_HEADER, record_key, user_key
 
 if TYPE_CHECKING:
-    from .lease import Lease
+    from .effects import Run
 
-__all__ = ["LEASE_ATTRIBUTE", "WITHOUT_BROKER_TTL", "IdempotentTask"]
+__all__ = ["RUN_ATTRIBUTE", "WITHOUT_BROKER_TTL", "IdempotentTask"]
 
-#: Where the lease of the current run is kept on the request context.
-LEASE_ATTRIBUTE = "_celery_idem_lease"
+#: Where the current run (:class:`celery_idem.effects.Run`) is kept on the request context.
+RUN_ATTRIBUTE = "_celery_idem_run"
 
 #: Set while an idempotent task with ``expires`` is published: the publish hook
 #: (:func:`celery_idem.hooks.drop_broker_ttl`) then leaves the expiry to the worker.
@@ -79,6 +79,14 @@ class IdempotentTask(Task):  # type: ignore[misc]
     idempotency_max_result_bytes: ClassVar[int | None] = None
     #: ``expires`` enforced by the worker (recorded as REVOKED), not as a broker TTL (default True).
     idempotency_worker_expiry: ClassVar[bool | None] = None
+    #: PostgreSQL URL of ``self.idempotency.transaction`` (psycopg 3).
+    idempotency_database_url: ClassVar[str | None] = None
+    #: Keyword arguments of ``psycopg.connect``.
+    idempotency_database_options: ClassVar[dict[str, Any] | None] = None
+    #: Instead of a URL: a SQLAlchemy ``Engine``, ``"django"`` / ``"django:<alias>"``, or a ``Database``.
+    idempotency_database: ClassVar[Any] = None
+    #: Run the whole body in one database transaction with its result (default False).
+    idempotency_transaction: ClassVar[bool | None] = None
 
     _resolved_idempotency: ClassVar[IdempotencyConfig | None] = None
 
@@ -97,15 +105,17 @@ class IdempotentTask(Task):  # type: ignore[misc]
         return config
 
     @property
-    def idempotency(self) -> Lease | None:
-        """The lease of the current run: ``key``, fencing ``token`` and ``lost``.
+    def idempotency(self) -> Run | None:
+        """The current run: ``key``, ``token``, ``fence``, ``lost``, ``transaction()``, ``step()``.
 
         None outside a protected run (a direct call, or a run under
-        ``idempotency_on_backend_error="run"`` while Redis is away). Pass ``token`` to
-        the system the body writes to, so it can refuse a write carrying a lower
-        token than one it has already seen.
+        ``idempotency_on_backend_error="run"`` while Redis is away). See
+        :class:`celery_idem.effects.Run`: ``transaction`` and ``step`` make a side
+        effect once per key; ``fence`` (higher for every run that takes the key over)
+        can be passed to the system the body writes to, so it can refuse a write
+        from a run older than one it has already seen.
         """
-        return getattr(self.request, LEASE_ATTRIBUTE, None)
+        return getattr(self.request, RUN_ATTRIBUTE, None)
 
     def record_key_for(self, args: Any = None, kwargs: Any = None, task_id: str | None = None) -> str:
         """Return the Redis key a call with these arguments (and task id) would use."""
@@ -182,12 +192,12 @@ class IdempotentTask(Task):  # type: ignore[misc]
         released before the message goes out, so the retried delivery acquires it at
         once instead of finding its own run still holding it.
         """
-        lease = self.idempotency
+        run = self.idempotency
         limit = self.max_retries if max_retries is None else max_retries
-        if lease is not None and (limit is None or self.request.retries < limit):
+        if run is not None and (limit is None or self.request.retries < limit):
             from .delivery import release
 
-            release(lease)
+            release(run.lease)
         return super().retry(args, kwargs, exc, throw, eta, countdown, max_retries, **options)
 
     def release_terminated(self, request: Any) -> bool:

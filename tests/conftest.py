@@ -177,3 +177,48 @@ def broker_conf(request: pytest.FixtureRequest, redis_url: str) -> Iterator[dict
     if request.param == "rabbitmq":
         with Connection(RABBITMQ_URL) as connection:
             connection.default_channel.queue_delete(queue)
+
+
+POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+def postgres_available() -> bool:
+    try:
+        import psycopg
+
+        with psycopg.connect(POSTGRES_URL, connect_timeout=3):
+            return True
+    except Exception:
+        return False
+
+
+@pytest.fixture
+def pg_schema() -> Iterator[str]:
+    """A schema of this test's own in the ``test`` database, dropped afterwards, with a ledger.
+
+    The ledger has no unique constraint: a duplicated side effect shows as a row.
+    """
+    if not postgres_available():
+        if os.environ.get("CI"):
+            pytest.fail(f"PostgreSQL is not reachable at {POSTGRES_URL} and CI is set")
+        pytest.skip(f"PostgreSQL is not reachable at {POSTGRES_URL}")
+    import psycopg
+
+    schema = f"idem_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as admin:
+        admin.execute(f"CREATE SCHEMA {schema}")
+        admin.execute(f"CREATE TABLE {schema}.ledger (id serial PRIMARY KEY, order_id text, cents int)")
+    yield schema
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as admin:
+        admin.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+def schema_url(schema: str, url: str = POSTGRES_URL) -> str:
+    """``url`` with ``search_path`` set to ``schema``."""
+    return f"{url}?options=-csearch_path%3D{schema}"
+
+
+@pytest.fixture
+def pg_url(pg_schema: str) -> str:
+    """A PostgreSQL URL whose tables live in this test's own schema."""
+    return schema_url(pg_schema)

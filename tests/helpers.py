@@ -163,3 +163,93 @@ def record_key_of(name: str = "k") -> str:
 
 def _s(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def acquired(claim: Any, token: int, taken_over: bool) -> bool:
+    """True when ``claim`` is an acquisition under ``token`` (and a takeover if ``taken_over``)."""
+    from celery_idem.store import Acquired
+
+    return isinstance(claim, Acquired) and (claim.token, claim.taken_over) == (token, taken_over)
+
+
+class Proxy:
+    """A TCP forwarder on loopback that a test can cut, as a network failure would.
+
+    While cut, connections through it are closed and new ones are refused; the
+    server behind it keeps running (a shared PostgreSQL, say, that tests must not stop).
+    """
+
+    def __init__(self, host: str, port: int) -> None:
+        import socket
+        import threading
+
+        from celery_idem.testing import free_port
+
+        self.target = (host, port)
+        self.port = free_port()
+        self._socket = socket
+        self._threading = threading
+        self._lock = threading.Lock()
+        self._pairs: list[tuple[Any, Any]] = []
+        self._listener: Any = None
+        self.restore()
+
+    def restore(self) -> None:
+        """Accept connections again."""
+        listener = self._socket.socket()
+        listener.setsockopt(self._socket.SOL_SOCKET, self._socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        self._listener = listener
+        self._threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def cut(self) -> None:
+        """Close every connection through the proxy and refuse new ones."""
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.close()
+        with self._lock:
+            pairs, self._pairs = self._pairs, []
+        for pair in pairs:
+            for sock in pair:
+                try:
+                    sock.shutdown(self._socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                sock.close()
+
+    def _accept(self, listener: Any) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = self._socket.create_connection(self.target)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._pairs.append((client, upstream))
+            for source, sink in ((client, upstream), (upstream, client)):
+                self._threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
+
+    def _pipe(self, source: Any, sink: Any) -> None:
+        try:
+            while True:
+                data = source.recv(65536)
+                if not data:
+                    break
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, sink):
+                try:
+                    sock.shutdown(self._socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        """Stop the proxy."""
+        self.cut()

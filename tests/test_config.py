@@ -97,7 +97,17 @@ OPTIONS: dict[str, tuple[str, Any, Any, Any, Any]] = {
     "idempotency_cache_errors": ("cache_errors", (KeyError,), (ValueError,), (), tuple),
     "idempotency_max_result_bytes": ("max_result_bytes", 100, 200, 1048576, int),
     "idempotency_worker_expiry": ("worker_expiry", False, False, True, bool),
+    "idempotency_database_url": (
+        "database",
+        "postgresql://task@db/shop",
+        "postgresql://conf@db/shop",
+        None,
+        lambda value: getattr(value, "target", value),
+    ),
 }
+
+#: Options that only make sense together with another; tested on their own below.
+JOINT = {"idempotency_database_options", "idempotency_database", "idempotency_transaction"}
 
 
 def expected(option: str, value: Any) -> Any:
@@ -111,8 +121,8 @@ def actual(config: IdempotencyConfig, option: str) -> Any:
 
 
 def test_resolution_table_covers_every_option() -> None:
-    assert set(OPTIONS) == set(DEFAULTS)
-    assert {field for field, *_ in OPTIONS.values()} == {
+    assert set(OPTIONS) | JOINT == set(DEFAULTS)
+    assert {field for field, *_ in OPTIONS.values()} | {"transaction"} == {
         f.name for f in dataclasses.fields(IdempotencyConfig)
     }
 
@@ -598,3 +608,57 @@ def test_worker_expiry_off_on_the_task_beats_the_app_setting() -> None:
         resolve_task({"idempotency_worker_expiry": True}, idempotency_worker_expiry=False).worker_expiry
         is False
     )
+
+
+# -- the database of self.idempotency.transaction ----------------------------------------
+
+
+def test_database_url_with_options_is_a_postgres_spec_with_the_password_hidden() -> None:
+    config = resolve_task(
+        {"idempotency_database_url": "postgresql://app:secret@db/shop"},
+        idempotency_database_options={"connect_timeout": 3},
+    )
+    assert config.database is not None
+    assert (config.database.kind, config.database.where) == ("postgres", "postgresql://app:***@db/shop")
+    assert dict(config.database.options) == {"connect_timeout": 3}
+
+
+@pytest.mark.parametrize(("value", "alias"), [("django", "default"), ("django:orders", "orders")])
+def test_django_database_names_its_alias(value: str, alias: str) -> None:
+    config = resolve_task(idempotency_database=value)
+    assert config.database is not None and (config.database.kind, config.database.target) == ("django", alias)
+
+
+def test_a_sqlalchemy_engine_is_taken_as_it_is() -> None:
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine("postgresql+psycopg://app:pw@db/shop")
+    config = resolve_task(idempotency_database=engine)
+    assert config.database is not None
+    assert config.database.kind == "sqlalchemy" and config.database.target is engine
+    assert "pw" not in config.database.where
+
+
+@pytest.mark.parametrize(
+    ("options", "needle"),
+    [
+        ({"idempotency_database_url": "mysql://db/shop"}, "postgresql://"),
+        ({"idempotency_database_url": "postgresql://db/a", "idempotency_database": "django"}, "not both"),
+        ({"idempotency_database_options": {"connect_timeout": 3}}, "no database is"),
+        ({"idempotency_database_options": ["connect_timeout"]}, "dict of connection arguments"),
+        ({"idempotency_database": "djang"}, "'django' or 'django:<alias>'"),
+        ({"idempotency_database": "django:"}, "'django' or 'django:<alias>'"),
+        ({"idempotency_database": 42}, "SQLAlchemy Engine"),
+        ({"idempotency_transaction": True}, "no database"),
+        ({"idempotency_transaction": "yes", "idempotency_database": "django"}, "True or False"),
+    ],
+)
+def test_bad_database_settings_are_refused_naming_the_option(options: dict[str, Any], needle: str) -> None:
+    message = rejection(**options)
+    assert needle in message
+    assert any(name in message for name in options)
+
+
+def test_transaction_of_the_whole_body_needs_and_gets_a_database() -> None:
+    config = resolve_task(idempotency_database="django", idempotency_transaction=True)
+    assert config.transaction is True

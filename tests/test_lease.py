@@ -16,7 +16,7 @@ from celery_idem import lease as lease_module
 from celery_idem.lease import Lease, Renewer, renewer
 from celery_idem.store import Acquired, Busy, Outcome, RecordStore, store_for
 from celery_idem.testing import RedisServer
-from tests.helpers import record_key_of
+from tests.helpers import acquired, record_key_of
 
 KEEP = 60_000
 LEASE = 10_000
@@ -71,7 +71,7 @@ def test_held_lease_outlives_its_length_until_dropped(store: RecordStore, raw: r
     finally:
         keeper.drop(lease)
 
-    assert take_over(store, key(), "intruder") == Acquired(token=lease.token + 1, taken_over=True)
+    assert acquired(take_over(store, key(), "intruder"), lease.token + 1, True)
 
 
 def test_renewal_that_finds_the_lease_taken_over_marks_it_lost(

@@ -1,6 +1,7 @@
 -- commit: record the outcome of a run, only if the caller still holds the lease.
 --
 -- KEYS[1]  the record
+-- KEYS[2]  its steps (deleted: duplicates get the outcome, no step runs again)
 -- ARGV[1]  the caller's fencing token
 -- ARGV[2]  'done' (a result) or 'failed' (a failure to replay to duplicates)
 -- ARGV[3]  the encoded outcome
@@ -18,6 +19,7 @@ if rec[2] == ARGV[1] then
     redis.call('HSET', key, 'state', ARGV[2], 'result', ARGV[3], 'ctype', ARGV[4], 'cenc', ARGV[5])
     redis.call('HDEL', key, 'expires')
     redis.call('PEXPIRE', key, tonumber(ARGV[6]))
+    redis.call('DEL', KEYS[2])
     return {1}
   end
   if rec[1] == 'done' or rec[1] == 'failed' then

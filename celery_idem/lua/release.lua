@@ -1,11 +1,12 @@
 -- release: give a lease back without an outcome, so the next delivery can run.
 --
 -- KEYS[1]  the record
+-- KEYS[2]  its steps (kept as long as the record: the next run replays them)
 -- ARGV[1]  'token' to match the caller's fencing token, or 'holder' to match a task
 --          id (used when the worker's main process releases a run it terminated)
 -- ARGV[2]  the token or task id
--- ARGV[3]  how long to keep the freed record, ms (it keeps the fencing token, so the
---          next run's token is higher)
+-- ARGV[3]  how long to keep the freed record, ms (it keeps the fencing token and the
+--          fence, so the next run's are higher)
 --
 -- Returns 1 when released, 0 when the caller did not hold the lease.
 local key = KEYS[1]
@@ -19,4 +20,5 @@ end
 redis.call('HSET', key, 'state', 'free')
 redis.call('HDEL', key, 'holder', 'expires')
 redis.call('PEXPIRE', key, tonumber(ARGV[3]))
+redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[3]))
 return 1

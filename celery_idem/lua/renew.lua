@@ -1,6 +1,7 @@
 -- renew: extend a lease the caller still holds.
 --
 -- KEYS[1]  the record
+-- KEYS[2]  its steps (their TTL follows the record's)
 -- ARGV[1]  the caller's fencing token
 -- ARGV[2]  lease length, ms
 -- ARGV[3]  how long a finished record is kept, ms
@@ -17,4 +18,5 @@ local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 local lease = tonumber(ARGV[2])
 redis.call('HSET', key, 'expires', now + lease)
 redis.call('PEXPIRE', key, lease + tonumber(ARGV[3]))
+redis.call('PEXPIRE', KEYS[2], lease + tonumber(ARGV[3]))
 return 1

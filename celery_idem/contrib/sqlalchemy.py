@@ -1,0 +1,82 @@
+"""``self.idempotency.transaction`` through a SQLAlchemy ``Engine``.
+
+Used when ``idempotency_database`` is an ``Engine``; ``fn`` receives the
+``sqlalchemy.engine.Connection`` of the transaction (bind a ``Session`` to it,
+``Session(bind=conn)``, to use the ORM in the same transaction). The step table is
+created on first use. Tested on PostgreSQL (psycopg); SQLite works too (the step
+table's SQL is portable), with SQLite's own limits on concurrent writers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import sqlalchemy
+import sqlalchemy.exc
+
+from ..effects import SCHEMA
+
+__all__ = ["SQLAlchemyDatabase"]
+
+_SCHEMA_LOCK = 0x63656C6964656D
+
+
+class _Transaction:
+    """An open transaction on a SQLAlchemy connection."""
+
+    def __init__(self, connection: sqlalchemy.engine.Connection, paramstyle: str) -> None:
+        self.argument = connection
+        self._connection = connection
+        self._qmark = paramstyle == "qmark"
+
+    def _sql(self, sql: str) -> str:
+        return sql.replace("%s", "?") if self._qmark else sql
+
+    def query(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+        """Run ``sql`` and return its rows."""
+        return [tuple(row) for row in self._connection.exec_driver_sql(self._sql(sql), tuple(params))]
+
+    def execute(self, sql: str, params: Sequence[Any]) -> int:
+        """Run ``sql`` and return how many rows it changed."""
+        return int(self._connection.exec_driver_sql(self._sql(sql), tuple(params)).rowcount)
+
+
+class SQLAlchemyDatabase:
+    """The database of a SQLAlchemy ``Engine`` (its pool serves every thread)."""
+
+    unavailable: tuple[type[BaseException], ...] = (
+        sqlalchemy.exc.OperationalError,
+        sqlalchemy.exc.InterfaceError,
+    )
+    conflict: tuple[type[BaseException], ...] = (sqlalchemy.exc.IntegrityError,)
+
+    def __init__(self, engine: sqlalchemy.engine.Engine) -> None:
+        self._engine = engine
+        self.where = engine.url.render_as_string(hide_password=True)
+        self._paramstyle = str(engine.dialect.paramstyle)
+        self._schema_ready = False
+
+    def _create_schema(self) -> None:
+        with self._engine.begin() as connection:
+            if connection.dialect.name == "postgresql":
+                connection.exec_driver_sql("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
+            for statement in SCHEMA.split(";"):
+                if statement.strip():
+                    connection.exec_driver_sql(statement)
+        self._schema_ready = True
+
+    @contextmanager
+    def atomic(self) -> Iterator[_Transaction]:
+        """A transaction on a connection of the engine's pool."""
+        if not self._schema_ready:
+            self._create_schema()
+        with self._engine.begin() as connection:
+            yield _Transaction(connection, self._paramstyle)
+
+    def run(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+        """Run one statement in a transaction of its own."""
+        with self.atomic() as tx:
+            result = tx.argument.exec_driver_sql(tx._sql(sql), tuple(params))
+            return [tuple(row) for row in result] if result.returns_rows else []
