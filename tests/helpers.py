@@ -207,6 +207,10 @@ class Proxy:
         """Close every connection through the proxy and refuse new ones."""
         listener, self._listener = self._listener, None
         if listener is not None:
+            try:
+                listener.shutdown(self._socket.SHUT_RDWR)  # wakes the thread blocked in accept()
+            except OSError:
+                pass
             listener.close()
         with self._lock:
             pairs, self._pairs = self._pairs, []

@@ -19,6 +19,7 @@ import psycopg
 import pytest
 
 from celery_idem import IdempotentTask
+from celery_idem.effects import SCHEMA
 from celery_idem.errors import (
     DatabaseUnavailable,
     DuplicateStepName,
@@ -27,7 +28,6 @@ from celery_idem.errors import (
     LeaseLost,
     StepMismatch,
 )
-from celery_idem.effects import SCHEMA
 from celery_idem.lease import renewer
 from celery_idem.store import Acquired, store_for
 from tests.conftest import POSTGRES_URL, schema_url

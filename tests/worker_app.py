@@ -79,6 +79,43 @@ def tick_body(task: Task, total: int) -> None:
         r.rpush("ticks:drained", "1")
 
 
+def add_ledger_row(conn: Any, order_id: str, cents: int, work: float) -> int:
+    """The side effect the effects tests count: one row per charge (no unique constraint)."""
+    row = conn.execute(
+        "INSERT INTO ledger (order_id, cents) VALUES (%s, %s) RETURNING id", (order_id, cents)
+    ).fetchone()
+    time.sleep(work)  # the transaction's own work: a kill can land inside it
+    return int(row[0])
+
+
+def send_receipt(url: str, order_id: str) -> str:
+    events(url).hincrby("receipts", order_id, 1)
+    return f"receipt-{order_id}-{os.getpid()}"
+
+
+def charge_body(task: Task, order_id: str, cents: int, work: list[float], gate: bool) -> dict[str, Any]:
+    """Work before, inside and after the transaction, each a kill may land in."""
+    r = events(events_url(task.app))
+    report = {"label": order_id, "pid": os.getpid(), "task_id": task.request.id}
+    r.rpush(f"started:{order_id}", json.dumps(report))
+    r.rpush("starts", json.dumps(report))
+    if gate and r.blpop([f"gate:{order_id}"], timeout=120) is None:
+        raise RuntimeError(f"gate:{order_id} was never opened")
+    time.sleep(work[0])
+    run = getattr(task, "idempotency", None)
+    if run is None:  # plain celery.Task: the row is written directly
+        import psycopg
+
+        with psycopg.connect(task.app.conf.idempotency_database_url, autocommit=True) as conn:
+            row = add_ledger_row(conn, order_id, cents, work[1])
+        receipt = send_receipt(events_url(task.app), order_id)
+    else:
+        row = run.transaction(add_ledger_row, order_id, cents, work[1])
+        receipt = run.step(send_receipt, events_url(task.app), order_id)
+    time.sleep(work[2])
+    return {"order_id": order_id, "ledger_row": row, "receipt": receipt}
+
+
 def make_app(conf: dict[str, Any]) -> Celery:
     """Build the test app from ``conf`` (broker, Redis, and any idempotency settings)."""
     app = Celery("worker_app", set_as_current=False)
@@ -158,6 +195,18 @@ def make_app(conf: dict[str, Any]) -> Celery:
     @app.task(bind=True, shared=False, name="t.plain_tick", acks_late=True, ignore_result=True)
     def plain_tick(self: Task, total: int) -> None:
         tick_body(self, total)
+
+    @app.task(base=IdempotentTask, bind=True, shared=False, name="t.charge", idempotency_key=("order_id",))
+    def charge(self: Task, order_id: str, cents: int, work: Any = None, gate: bool = False) -> dict[str, Any]:
+        """Charge an order: a ledger row (in a transaction) and a receipt (a step)."""
+        return charge_body(self, order_id, cents, work or [0, 0, 0], gate)
+
+    @app.task(bind=True, shared=False, name="t.plain_charge", acks_late=True, reject_on_worker_lost=True)
+    def plain_charge(
+        self: Task, order_id: str, cents: int, work: Any = None, gate: bool = False
+    ) -> dict[str, Any]:
+        """The same charge on plain celery.Task: the ledger row is written directly."""
+        return charge_body(self, order_id, cents, work or [0, 0, 0], gate)
 
     @app.task(base=IdempotentTask, bind=True, shared=False, name="t.step")
     def step(self: Task, previous: Any, label: str) -> list[Any]:
