@@ -15,7 +15,10 @@ from typing import TYPE_CHECKING, Any
 from . import hooks as _hooks  # noqa: F401  (connects the worker hooks)
 from .errors import (
     BackendUnavailable,
+    DatabaseUnavailable,
+    DuplicateStepName,
     DuplicateTaskInProgress,
+    FenceRefused,
     IdempotencyError,
     IdempotencyKeyError,
     ImproperlyConfigured,
@@ -23,6 +26,7 @@ from .errors import (
     RecordNotReadable,
     ResultNotSerializable,
     ResultTooLarge,
+    StepMismatch,
 )
 from .task import IdempotentTask
 
@@ -33,7 +37,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailable",
+    "DatabaseUnavailable",
+    "DuplicateStepName",
     "DuplicateTaskInProgress",
+    "FenceRefused",
     "IdempotencyError",
     "IdempotencyKeyError",
     "IdempotentTask",
@@ -43,6 +50,7 @@ __all__ = [
     "RecordNotReadable",
     "ResultNotSerializable",
     "ResultTooLarge",
+    "StepMismatch",
     "__version__",
 ]
 
