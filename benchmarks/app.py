@@ -47,6 +47,9 @@ _PEER_TASKS = ("bench.once", "bench.singleton")
 
 def group_of(task: str) -> tuple[str, ...]:
     """The groups :func:`make_app` needs to define ``task``."""
+    if task.startswith("bench.effects."):
+        plain = task in ("bench.effects.plain", "bench.effects.plain_tx")
+        return ("effects",) if plain else ("idem", "effects")
     if task.startswith("bench.idem"):
         return ("idem",)
     if task in _PEER_TASKS:
@@ -96,6 +99,10 @@ def make_app(settings: dict[str, Any], groups: Sequence[str] = (), count_round_t
 
     if "idem" in groups:
         _idempotent_tasks(app)
+    if "effects" in groups:
+        from .effects_tasks import register
+
+        register(app, idempotent="idem" in groups)
     if "peers" in groups:
         from .peers.tasks import register
 
@@ -137,8 +144,16 @@ def _delivery_end(sender: Any = None, **kwargs: Any) -> None:
         return
     if probe.delivery_end() == _BENCH.get("expect"):
         loaded = "celery_idem" in sys.modules
+        from .counting import statements
+
         _report(
-            {"label": "done", "round_trips": round_trips(), "celery_idem_loaded": loaded, **probe.summary()}
+            {
+                "label": "done",
+                "round_trips": round_trips(),
+                "statements": statements(),
+                "celery_idem_loaded": loaded,
+                **probe.summary(),
+            }
         )
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from redis.connection import Connection
 
-__all__ = ["RENEWER_THREAD", "CountingConnection", "round_trips"]
+__all__ = ["RENEWER_THREAD", "CountingConnection", "count_statement", "round_trips", "statements"]
 
 #: Name of celery_idem's lease renewal thread (``celery_idem.lease``).
 RENEWER_THREAD = "celery-idem-renewer"
@@ -40,3 +40,18 @@ def round_trips() -> dict[str, int]:
     """Round trips counted so far in this process, by role."""
     with _lock:
         return {"task": _sends["task"], "renewer": _sends["renewer"]}
+
+
+_statements: Counter[str] = Counter()
+
+
+def count_statement(kind: str) -> None:
+    """Count one SQL statement sent by this process (``kind``: what sent it)."""
+    with _lock:
+        _statements[kind] += 1
+
+
+def statements() -> dict[str, int]:
+    """SQL statements counted so far in this process, by kind."""
+    with _lock:
+        return dict(_statements)

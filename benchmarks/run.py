@@ -20,7 +20,7 @@ from types import FrameType, ModuleType
 
 import celery_idem
 
-from . import duplicates, rabbitmq, redis_cost, renewal, throughput
+from . import duplicates, effects, rabbitmq, redis_cost, renewal, throughput
 from .docs import Section, write
 from .harness import ROOT, Options, Servers
 from .peers import REQUIREMENTS, missing
@@ -29,7 +29,7 @@ from .report import command_line, machine
 
 BENCHMARKS: dict[str, ModuleType] = {
     module.NAME: module
-    for module in (throughput, redis_cost, renewal, duplicates, peers_throughput, rabbitmq)
+    for module in (throughput, redis_cost, renewal, duplicates, peers_throughput, rabbitmq, effects)
 }
 DEFAULT = ("throughput", "redis-cost", "renewal", "duplicates")
 
@@ -84,6 +84,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if problem is not None:
             print(f"rabbitmq: {rabbitmq.AMQP_URL} is not reachable ({problem}); skipped", file=sys.stderr)
             names.remove("rabbitmq")
+            if not names:
+                return 2
+    if "effects" in names:
+        problem = effects.reachable()
+        if problem is not None:
+            print(f"effects: {effects.POSTGRES_URL} is not reachable ({problem}); skipped", file=sys.stderr)
+            names.remove("effects")
             if not names:
                 return 2
     if "peers" in names and missing():

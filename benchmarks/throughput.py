@@ -112,6 +112,7 @@ def drain(
     keep_records: bool = False,
     transport: str | None = None,
     broker_url: str | None = None,
+    extra_settings: Mapping[str, Any] | None = None,
 ) -> Drain:
     """Queue ``count`` tasks, then start a solo worker and wait until it ran them all.
 
@@ -129,6 +130,8 @@ def drain(
     if "peers" in group_of(task):
         for conf in (worker_settings, producer_settings):
             conf.update(peer_settings(servers))
+    for conf in (worker_settings, producer_settings):
+        conf.update(extra_settings or {})
     if transport:
         worker_settings["broker_transport"] = transport
     publish(producer_settings, task, count, task_ids)

@@ -398,3 +398,48 @@ def test_steps_need_arguments_with_a_canonical_encoding(app: Any) -> None:
 
     with pytest.raises(IdempotencyKeyError, match="digest of its arguments"):
         job.delay().get(disable_sync_subtasks=False)
+
+
+def test_a_step_costs_one_round_trip_when_it_runs_and_none_when_replayed(app: Any, redis_url: str) -> None:
+    from redis.connection import Connection
+
+    sent: list[str] = []
+
+    class Counting(Connection):
+        def send_command(self, *args: Any, **kwargs: Any) -> None:
+            if args[0] == "EVALSHA":  # each a round trip (a new connection's handshake aside)
+                sent.append(str(args[1]))
+            super().send_command(*args, **kwargs)
+
+    from celery_idem.store import _ACQUIRE, _COMMIT, _RELEASE, _STEP
+
+    names = {_ACQUIRE.sha: "acquire", _COMMIT.sha: "commit", _RELEASE.sha: "release", _STEP.sha: "step"}
+    effect = counted(app, "effect")
+
+    @app.task(
+        base=IdempotentTask,
+        bind=True,
+        shared=False,
+        idempotency_key=("order_id",),
+        idempotency_redis_options={"connection_class": Counting},
+    )
+    def job(self: Any, order_id: str) -> str:
+        value = self.idempotency.step(effect, order_id)
+        if app.effects["effect"] == 1 and "failed" not in app.effects:
+            app.effects["failed"] = 1
+            raise Boom()
+        return value
+
+    app.effects["failed"] = 1
+    job.delay("warm-up").get(disable_sync_subtasks=False)  # connected, scripts loaded
+    del app.effects["failed"], app.effects["effect"]
+    sent.clear()
+    with pytest.raises(Boom):
+        job.delay("o10").get(disable_sync_subtasks=False)
+    first = [names.get(name, name) for name in sent]
+    sent.clear()
+    job.delay("o10").get(disable_sync_subtasks=False)
+    second = [names.get(name, name) for name in sent]
+    assert first == ["acquire", "step", "release"]
+    assert second == ["acquire", "commit"]  # the step replayed from the acquire's reply
+    assert app.effects["effect"] == 1
