@@ -21,7 +21,7 @@ whole wait that long. Here a worker keeps a heartbeat key per consumer, renewed 
 thread of its own (so a ``-P solo`` worker busy with a long task keeps beating), the
 fetch script records which consumer took each message, and every worker's event
 loop restores, within seconds, the messages of consumers whose heartbeat stopped
-for ``dead_consumer_timeout`` seconds (a transport option, default 30). Messages of
+for ``dead_consumer_timeout`` seconds (a transport option, default 6). Messages of
 live consumers are left alone, however long their tasks run.
 
 Use it with ``broker_transport = "celery_idem.broker:Transport"``; workers of an app
@@ -80,7 +80,7 @@ OWNERS_KEY = "celery_idem.unacked_owners"
 #: Prefix of each consumer's heartbeat key.
 HEARTBEAT_PREFIX = "celery_idem.consumer."
 #: Default seconds without a heartbeat after which a consumer counts as dead.
-DEAD_CONSUMER_TIMEOUT = 30.0
+DEAD_CONSUMER_TIMEOUT = 6.0
 
 #: What kombu counts as "the broker cannot be reached".
 _CONNECTION_ERRORS: tuple[type[BaseException], ...] = kombu_redis.get_redis_error_classes()[0]

@@ -48,7 +48,7 @@ DEFAULTS: Mapping[str, Any] = MappingProxyType(
         "idempotency_key_prefix": "idem",
         "idempotency_key": "task_id",
         "idempotency_result_ttl": 86400,
-        "idempotency_lock_ttl": 30,
+        "idempotency_lock_ttl": 10,
         "idempotency_on_conflict": "retry",
         "idempotency_wait_timeout": 60,
         "idempotency_on_backend_error": "retry",

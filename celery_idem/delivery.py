@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import random
 import time
+import uuid
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from celery import states
@@ -30,7 +32,6 @@ from .effects import Run
 from .errors import (
     BackendUnavailable,
     DuplicateTaskInProgress,
-    IdempotencyKeyError,
     LeaseLost,
     ResultNotSerializable,
     ResultTooLarge,
@@ -44,29 +45,39 @@ from .task import RUN_ATTRIBUTE
 if TYPE_CHECKING:
     from .task import IdempotentTask
 
-__all__ = ["REQUEUES_HEADER", "deliver", "key_material", "release", "release_terminated"]
+__all__ = ["REQUEUES_HEADER", "RUN_FIELD", "deliver", "key_material", "release"]
 
 logger = get_logger(__name__)
 
 #: Message header counting how often a delivery re-queued itself (for back-off).
 REQUEUES_HEADER = "idempotency_requeues"
 
-#: Back-off of re-queued deliveries: first delay, and the cap while Redis is away.
-_FIRST_DELAY = 0.5
+#: Field of the request (stamped by :class:`celery_idem.request.IdempotentRequest`)
+#: holding the id of this delivery's run.
+RUN_FIELD = "celery_idem_run"
+
+#: Back-off of re-queued deliveries: first delay, the cap of a duplicate waiting for
+#: a live holder (so it comes back within a second of the holder finishing), and the
+#: cap while Redis is away.
+_FIRST_DELAY = 0.25
+_CONFLICT_CAP = 1.0
 _BACKEND_RETRY_CAP = 30.0
 
 
 def deliver(task: IdempotentTask, request: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """Run one delivery of ``task``: at most one body per key, every duplicate gets its outcome."""
     config = task.resolved_idempotency
-    material = key_material(config, request, args, kwargs)
+    material = key_material(config, request.headers, request.id, args, kwargs)
     key = record_key(config.key_prefix, task.name, material)
     store = store_for(config.redis_url, config.redis_options)
+    # The id of this run: stamped by the worker's main process (IdempotentRequest), so
+    # that it can free the key if it sees this process die; made here otherwise.
+    run_id = getattr(request, RUN_FIELD, None) or uuid.uuid4().hex
     wait_until = None
     poll = 0.05
     while True:
         try:
-            claim = store.acquire(key, request.id, config.lease_ms, config.result_ttl_ms)
+            claim = store.acquire(key, request.id, config.lease_ms, config.result_ttl_ms, run_id)
         except BACKEND_ERRORS as exc:
             return _on_backend_error(task, config, store, request, material, args, kwargs, exc)
 
@@ -110,12 +121,14 @@ def deliver(task: IdempotentTask, request: Any, args: tuple[Any, ...], kwargs: d
         raise Ignore()
 
 
-def key_material(config: IdempotencyConfig, request: Any, args: Any, kwargs: Any) -> str:
+def key_material(
+    config: IdempotencyConfig, headers: Mapping[str, Any] | None, task_id: str, args: Any, kwargs: Any
+) -> str:
     """The key material of a delivery: its ``idempotency_key`` header, else the task's strategy."""
-    header = (request.headers or {}).get(KEY_HEADER)
+    header = (headers or {}).get(KEY_HEADER)
     if header is not None:
         return user_key(header, f"the {KEY_HEADER} message header")
-    return config.key.material(request.id, args, kwargs)
+    return config.key.material(task_id, args, kwargs)
 
 
 def _run_holding(
@@ -159,7 +172,7 @@ def _run_holding(
             release(lease)
             if config.on_backend_error != "retry" or request.is_eager:
                 raise
-            material = key_material(config, request, args, kwargs)
+            material = key_material(config, request.headers, request.id, args, kwargs)
             _requeue(
                 task, request, material, _backoff(task, request, cap=_BACKEND_RETRY_CAP), exc, quiet=False
             )
@@ -269,9 +282,12 @@ def _on_backend_error(
 
 
 def _conflict_delay(task: IdempotentTask, config: IdempotencyConfig, request: Any, claim: Busy) -> float:
-    # Come back no later than the holder's lease could run out, so a crashed
-    # holder is taken over within about one lease.
-    return _backoff(task, request, cap=min(claim.lease_left + 0.05, config.lock_ttl))
+    # Come back within a second of the holder finishing, and no later than its lease
+    # could run out, so a crashed holder is taken over within about one lease.
+    if claim.lease_left + 0.05 <= _CONFLICT_CAP:
+        # The lease ends first: come back just after it, when a dead holder's key is free.
+        return claim.lease_left + 0.05
+    return _backoff(task, request, cap=_CONFLICT_CAP)
 
 
 def _backoff(task: IdempotentTask, request: Any, cap: float) -> float:
@@ -304,18 +320,3 @@ def _requeue(
         logger.info("celery-idem: %s[%s] re-queued in %.2fs: %s", task.name, request.id, delay, reason)
         raise Ignore()
     raise Retry(f"re-queued in {delay:.2f}s: {reason}", exc=reason, when=delay)
-
-
-def release_terminated(task: IdempotentTask, request: Any) -> bool:
-    """Free the key of a run this worker terminated; see :meth:`IdempotentTask.release_terminated`."""
-    config = task.resolved_idempotency
-    header = (request.headers or {}).get(KEY_HEADER)
-    if header is None and not config.key.needs_task_id:
-        return False
-    try:
-        material = key_material(config, request, (), {})
-    except IdempotencyKeyError:
-        return False
-    store = store_for(config.redis_url, config.redis_options)
-    key = record_key(config.key_prefix, task.name, material)
-    return store.release_holder(key, request.id, config.result_ttl_ms)

@@ -5,7 +5,6 @@
   the :class:`~celery_idem.eventloop.ReadyAwarePoll` bootstep;
 * ``worker_process_init``: give a forked pool process its own Redis connections
   and renewal thread;
-* ``task_revoked``: free the key of a run killed by ``revoke(terminate=True)``;
 * ``before_task_publish``: leave an idempotent task's ``expires`` to the worker
   (``idempotency_worker_expiry``).
 
@@ -25,9 +24,12 @@ from .errors import ImproperlyConfigured, describe_error
 from .eventloop import ReadyAwarePoll
 from .task import WITHOUT_BROKER_TTL, IdempotentTask
 
-__all__ = ["drop_broker_ttl", "release_revoked", "reset_after_fork", "validate_on_worker_start"]
+__all__ = ["drop_broker_ttl", "reset_after_fork", "validate_on_worker_start"]
 
 logger = get_logger(__name__)
+
+#: Celery's default ``worker_lost_wait``.
+_CELERY_LOST_WAIT = 10.0
 
 
 @signals.worker_init.connect(weak=False)
@@ -53,8 +55,15 @@ def validate_on_worker_start(sender: Any = None, **kwargs: Any) -> None:
         transport = atomic_fetch_transport(app)
     except ImproperlyConfigured as exc:
         raise SystemExit(f"celery-idem: {exc}") from exc
+    from .request import WORKER_LOST_WAIT, WatchPoolProcesses
+
     # Read by the worker right after this signal, when it builds its blueprint.
     app.steps["worker"].add(ReadyAwarePoll)
+    app.steps["worker"].add(WatchPoolProcesses)
+    if "worker_lost_wait" not in app.conf.changes and sender.worker_lost_wait == _CELERY_LOST_WAIT:
+        # Report a dead pool process's tasks after 1 s, not 10: their messages come
+        # back sooner, and celery_idem has freed their keys already.
+        sender.worker_lost_wait = WORKER_LOST_WAIT
     if transport is not None:
         reason = _transport_fallback_reason()
         if reason is None:
@@ -87,24 +96,6 @@ def reset_after_fork(**kwargs: Any) -> None:
     reset_stores()
     reset_renewer()
     reset_databases()
-
-
-@signals.task_revoked.connect(weak=False)
-def release_revoked(sender: Any = None, request: Any = None, terminated: bool = False, **kwargs: Any) -> None:
-    """Free the key of a run killed by ``revoke(terminate=True)`` instead of waiting out its lease."""
-    if not terminated or not isinstance(sender, IdempotentTask) or request is None:
-        return
-    from .store import BACKEND_ERRORS
-
-    try:
-        released = sender.release_terminated(request)
-    except BACKEND_ERRORS as exc:
-        logger.warning(
-            "celery-idem: could not release the key of revoked task %s: %s", request.id, describe_error(exc)
-        )
-        return
-    if released:
-        logger.info("celery-idem: released the key of terminated task %s", request.id)
 
 
 @signals.before_task_publish.connect(weak=False)

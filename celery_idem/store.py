@@ -138,9 +138,12 @@ class RecordStore:
         self._idle: list[Any] = []
         self._pid = os.getpid()
 
-    def acquire(self, key: str, holder: str, lease_ms: int, keep_ms: int) -> AcquireResult:
-        """Take the lease on ``key`` for task ``holder``, or report who has it or what it returned."""
-        reply = self._run(_ACQUIRE, key, holder, lease_ms, keep_ms)
+    def acquire(self, key: str, holder: str, lease_ms: int, keep_ms: int, run: str = "") -> AcquireResult:
+        """Take the lease on ``key`` for task ``holder``, or report who has it or what it returned.
+
+        ``run`` identifies this delivery's run, for :meth:`release_run`.
+        """
+        reply = self._run(_ACQUIRE, key, holder, lease_ms, keep_ms, run)
         kind = reply[0]
         if kind == 0:
             flat = reply[5]
@@ -214,11 +217,19 @@ class RecordStore:
 
     def release(self, key: str, token: int, keep_ms: int) -> bool:
         """Free the lease held under ``token`` without an outcome; False if not held."""
-        return bool(self._run(_RELEASE, key, "token", token, keep_ms))
+        return bool(self._run(_RELEASE, key, "token", token, keep_ms, ""))
 
     def release_holder(self, key: str, holder: str, keep_ms: int) -> bool:
         """Free the lease if task ``holder`` holds it; False if it does not."""
-        return bool(self._run(_RELEASE, key, "holder", holder, keep_ms))
+        return bool(self._run(_RELEASE, key, "holder", holder, keep_ms, ""))
+
+    def release_run(self, key: str, holder: str, run: str, keep_ms: int) -> bool:
+        """Free the lease if run ``run`` of task ``holder`` holds it; False if it does not.
+
+        For the worker's main process, which saw the run die: a later run of the same
+        task id (the redelivery of its message) has another run id and keeps its lease.
+        """
+        return bool(self._run(_RELEASE, key, "run", holder, keep_ms, run))
 
     def read(self, key: str) -> Record | None:
         """Return what the record of ``key`` holds, or None if there is none."""

@@ -54,6 +54,9 @@ class IdempotentTask(Task):  # type: ignore[misc]
 
     acks_late = True
     reject_on_worker_lost = True
+    #: The worker main process's side of a delivery: frees the key of a run whose
+    #: pool process died (see :mod:`celery_idem.request`).
+    Request = "celery_idem.request:IdempotentRequest"
 
     #: Redis URL of the records (default: the result backend's, else the broker's).
     idempotency_redis_url: ClassVar[str | None] = None
@@ -65,7 +68,7 @@ class IdempotentTask(Task):  # type: ignore[misc]
     idempotency_key: ClassVar[Any] = None
     #: Seconds a finished result is kept and served to duplicates (default one day).
     idempotency_result_ttl: ClassVar[float | None] = None
-    #: Lease length in seconds, renewed every third of it while the body runs (default 30).
+    #: Lease length in seconds, renewed every third of it while the body runs (default 10).
     idempotency_lock_ttl: ClassVar[float | None] = None
     #: What a duplicate does while a live run holds the key: retry, wait, raise, drop.
     idempotency_on_conflict: ClassVar[str | None] = None
@@ -199,15 +202,3 @@ class IdempotentTask(Task):  # type: ignore[misc]
 
             release(run.lease)
         return super().retry(args, kwargs, exc, throw, eta, countdown, max_retries, **options)
-
-    def release_terminated(self, request: Any) -> bool:
-        """Free the key of a run this worker terminated (``revoke(terminate=True)``).
-
-        Called from the worker's main process, which does not know the run's fencing
-        token, so the release is checked against the holder's task id. Returns False
-        when the key cannot be known without the arguments (they are not in the
-        revoked request) or is not held by that task: the lease then ends by itself.
-        """
-        from .delivery import release_terminated
-
-        return release_terminated(self, request)

@@ -90,7 +90,7 @@ OPTIONS: dict[str, tuple[str, Any, Any, Any, Any]] = {
     "idempotency_key_prefix": ("key_prefix", "task-prefix", "conf-prefix", "idem", str),
     "idempotency_key": ("key", ("order_id",), "args", "task_id", repr),
     "idempotency_result_ttl": ("result_ttl", 10, 20, 86400, float),
-    "idempotency_lock_ttl": ("lock_ttl", 5, 7, 30, float),
+    "idempotency_lock_ttl": ("lock_ttl", 5, 7, 10, float),
     "idempotency_on_conflict": ("on_conflict", "raise", "drop", "retry", str),
     "idempotency_wait_timeout": ("wait_timeout", 3, 4, 60, float),
     "idempotency_on_backend_error": ("on_backend_error", "run", "raise", "retry", str),

@@ -55,10 +55,11 @@ def body(task: Task, label: str, hold: Any = None, fail: str | None = None) -> d
     }
     r.rpush(f"started:{label}", json.dumps(report))
     r.rpush("starts", json.dumps(report))
-    if hold == "gate":
+    if hold == "gate" or (hold == "first" and runs == 1):
+        # "first": only the first run waits (a test kills it; later runs go on).
         if r.blpop([f"gate:{label}"], timeout=120) is None:
             raise RuntimeError(f"gate:{label} was never opened")
-    elif hold:
+    elif hold and hold != "first":
         time.sleep(hold)  # the task's own work takes this long
     if fail == "cached":
         raise Cached(label)

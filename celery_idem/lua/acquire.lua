@@ -2,7 +2,8 @@
 --
 -- A record is one hash: state ('running' | 'done' | 'failed' | 'free'), token (the
 -- fencing token, raised by every acquisition and never lowered while the record
--- exists), fence (see below), holder (task id of the run), expires (lease end, ms
+-- exists), fence (see below), holder (task id of the run), run (id of the delivery
+-- that holds it), expires (lease end, ms
 -- of server time), and, once finished, result / ctype / cenc (the encoded outcome).
 -- The record's steps (values stored by self.idempotency.step) are a second hash
 -- beside it, in the same hash slot.
@@ -18,6 +19,8 @@
 -- ARGV[1]  holder: id of the task asking
 -- ARGV[2]  lease length, ms
 -- ARGV[3]  how long a finished record is kept, ms (the record outlives the lease by this)
+-- ARGV[4]  run: an id of this delivery's run ('' if none), so that the worker's main
+--          process can free the key of a run it saw die, and no other run's
 --
 -- Returns one of
 --   {0, token, taken_over, fence, first, steps}    ACQUIRED; taken_over is 1 when an expired
@@ -48,7 +51,7 @@ local fence = math.max((tonumber(rec[8]) or 0) + 1, clock)
 local token = redis.call('HINCRBY', key, 'token', 1)
 -- '%.0f': Lua would print a number this large in exponent notation.
 redis.call('HSET', key, 'state', 'running', 'holder', ARGV[1], 'expires', now + lease,
-  'fence', string.format('%.0f', fence))
+  'fence', string.format('%.0f', fence), 'run', ARGV[4])
 redis.call('PEXPIRE', key, ttl)
 local steps = {}
 if state then
