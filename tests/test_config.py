@@ -512,7 +512,7 @@ def test_misspelled_namespaced_setting_is_rejected() -> None:
 
 def test_namespaced_app_ignores_settings_outside_its_namespace() -> None:
     # Django settings hold every setting of the project; only CELERY_* ones are Celery's.
-    assert resolved(namespaced_app(DjangoSettingsOfAnotherLibrary)).lock_ttl == 30
+    assert resolved(namespaced_app(DjangoSettingsOfAnotherLibrary)).lock_ttl == DEFAULTS["idempotency_lock_ttl"]
 
 
 # -- the resolved object ---------------------------------------------------------------
