@@ -200,7 +200,7 @@ class Channel(kombu_redis.Channel):
             super()._brpop_start(timeout)
             return
         if timeout is None:
-            timeout = getattr(self, "brpop_timeout", 1)  # an attribute since kombu 5.4
+            timeout = getattr(self, "brpop_timeout", 1)  # an attribute since kombu 5.6
         queues = self._queue_cycle.consume(len(self.active_queues))
         if not queues:
             return

@@ -24,6 +24,7 @@ import pytest
 import redis
 
 from celery_idem.testing import RedisServer
+from tests.helpers import outcome
 
 pytestmark = pytest.mark.chaos
 
@@ -94,7 +95,7 @@ def test_redelivery_storm_with_killed_pool_processes_and_workers(broker_conf, st
         workers[round_ % 2] = start_worker(conf, concurrency=2)
     try:
         for result in results:
-            result.get(timeout=180)
+            outcome(result, 180)
     finally:
         killer.stop()
     assert killer.kills > 0
@@ -113,7 +114,7 @@ def test_resubmitted_arguments_under_fresh_ids_run_once(broker_conf, start_worke
     try:
         values = {}
         for result in results:
-            value = result.get(timeout=180)
+            value = outcome(result, 180)
             values.setdefault(value["label"], value)
             assert value == values[value["label"]]
     finally:
@@ -131,13 +132,13 @@ def test_late_resends_after_completion_are_served_from_the_record(
     for i in range(40):
         firsts[f"i{i}"] = by_id.apply_async((f"i{i}",), task_id=f"late-{i}")
         firsts[f"a{i}"] = by_args.apply_async((f"a{i}",))
-    first_values = {label: result.get(timeout=120) for label, result in firsts.items()}
+    first_values = {label: outcome(result, 120) for label, result in firsts.items()}
     late = []
     for i in range(40):
         late.append((f"i{i}", by_id.apply_async((f"i{i}",), task_id=f"late-{i}")))
         late.append((f"a{i}", by_args.apply_async((f"a{i}",))))
     for label, result in late:
-        assert result.get(timeout=120) == first_values[label]
+        assert outcome(result, 120) == first_values[label]
     assert_exactly_once(events, set(firsts))
 
 
@@ -157,7 +158,7 @@ def test_visibility_timeout_redeliveries_of_running_tasks(start_worker, producer
     labels = {f"v{i}" for i in range(24)}
     results = [task.apply_async((label,), {"hold": random.uniform(0.5, 4)}) for label in sorted(labels)]
     for result in results:
-        result.get(timeout=180)
+        outcome(result, 180)
     assert_exactly_once(events, labels)
 
 
@@ -177,7 +178,7 @@ def test_records_redis_restarted_mid_run_loses_and_duplicates_nothing(
         records.restart()
         results += [task.apply_async((label, work())) for label in labels]  # duplicates, across the restart
         for result in results:
-            result.get(timeout=180)
+            outcome(result, 180)
         assert_exactly_once(events, set(labels))
 
 
@@ -195,5 +196,5 @@ def test_chain_whose_first_message_is_redelivered_runs_every_step_once(
     firsts = [workflow.apply_async() for workflow in workflows]
     redelivered = [workflow.apply_async() for workflow in workflows]  # same ids, while the first runs
     for first, again in zip(firsts, redelivered):
-        assert again.get(timeout=120) == first.get(timeout=120)
+        assert outcome(again, 120) == outcome(first, 120)
     assert_exactly_once(events, {f"c{i}-{n}" for i in range(10) for n in (1, 2, 3)})

@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 
+import kombu
 import pytest
 import redis
 from celery import states
@@ -116,6 +118,15 @@ def test_visibility_timeout_redelivery_of_a_running_task_runs_it_once(
     app = producer(conf)
     plain = app.tasks["t.plain"].apply_async(("vplain",), {"hold": 6})
     protected = app.tasks["t.by_id"].apply_async(("videm",), {"hold": 6})
+    if kombu.VERSION[:2] < (5, 7):
+        # Kombu before 5.7 ignores the two restore options: a worker looks for
+        # messages past visibility_timeout when it starts and then every 100 s.
+        # Look once while both bodies run, as kombu 5.7's timer does every second.
+        next_report(events, "started", "vplain")
+        next_report(events, "started", "videm")
+        time.sleep(2.5)
+        with kombu.Connection(conf["broker_url"], transport_options=conf["broker_transport_options"]) as c:
+            c.default_channel.qos.restore_visible(num=None)
     assert protected.get(timeout=60)["run"] == 1
     plain.get(timeout=60)
     assert runs(events, "vplain") > 1, "the broker did not redeliver; the scenario proves nothing"
