@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -125,8 +126,6 @@ def await_change(client: redis.Redis, key: str, read: Any, predicate: Any, timeo
     Woken by Redis keyspace notifications on the test's private server, so the wait
     ends on the change itself, not on a polling interval.
     """
-    import time
-
     client.config_set("notify-keyspace-events", "K$hg")
     db = client.connection_pool.connection_kwargs.get("db", 0)
     pubsub = client.pubsub()
@@ -253,3 +252,27 @@ class Proxy:
     def close(self) -> None:
         """Stop the proxy."""
         self.cut()
+
+
+class Boom(Exception):
+    """A crash made by a body: raised after an effect, before the Redis commit."""
+
+
+def attempts(task: Any, *args: Any, task_id: str = "t1", **kwargs: Any) -> Any:
+    """Deliver the same message until the body gets through; return its result."""
+    for _ in range(5):
+        try:
+            return task.apply(args, kwargs, task_id=task_id).get(disable_sync_subtasks=False)
+        except Boom:
+            continue
+    raise AssertionError("the body never got through")
+
+
+def lease_ended(client: Any, key: str) -> None:
+    """Return once the lease on ``key`` has run out by the Redis server's clock."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        seconds, micros = client.time()
+        if int(client.hget(key, "expires") or 0) < seconds * 1000 + micros // 1000:
+            return
+    raise AssertionError(f"the lease on {key} never ran out")

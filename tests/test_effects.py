@@ -10,7 +10,6 @@ storms are in ``test_effects_chaos.py``.
 from __future__ import annotations
 
 import threading
-import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -19,6 +18,7 @@ import psycopg
 import pytest
 
 from celery_idem import IdempotentTask
+from celery_idem.effects import SCHEMA
 from celery_idem.errors import (
     DatabaseUnavailable,
     DuplicateStepName,
@@ -27,16 +27,11 @@ from celery_idem.errors import (
     LeaseLost,
     StepMismatch,
 )
-from celery_idem.effects import SCHEMA
 from celery_idem.lease import renewer
 from celery_idem.store import Acquired, store_for
 from tests.conftest import POSTGRES_URL, schema_url
-from tests.helpers import Proxy
+from tests.helpers import Boom, Proxy, attempts, lease_ended
 from tests.worker_app import make_app
-
-
-class Boom(Exception):
-    pass
 
 
 class Declined(Exception):
@@ -84,16 +79,6 @@ def counted(app: Any, name: str) -> Any:
 
     effect.__qualname__ = name
     return effect
-
-
-def attempts(task: Any, *args: Any, task_id: str = "t1", **kwargs: Any) -> Any:
-    """Deliver the same message until the body gets through; return its result."""
-    for _ in range(5):
-        try:
-            return task.apply(args, kwargs, task_id=task_id).get(disable_sync_subtasks=False)
-        except Boom:
-            continue
-    raise AssertionError("the body never got through")
 
 
 # -- the fence -----------------------------------------------------------------------
@@ -152,16 +137,6 @@ def test_a_transaction_that_raises_rolls_back_and_runs_again(app: Any, pg_url: s
     row = attempts(charge, "o2")
     assert ledger(pg_url, "o2") == [(row, 1)]
     assert app.effects["calls"] == 2
-
-
-def lease_ended(client: Any, key: str) -> None:
-    """Return once the lease on ``key`` has run out by the Redis server's clock."""
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        seconds, micros = client.time()
-        if int(client.hget(key, "expires") or 0) < seconds * 1000 + micros // 1000:
-            return
-    raise AssertionError(f"the lease on {key} never ran out")
 
 
 def test_a_run_taken_over_cannot_commit_its_transaction(app: Any, pg_url: str, redis_url: str) -> None:
