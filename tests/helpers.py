@@ -206,6 +206,12 @@ class Proxy:
         """Close every connection through the proxy and refuse new ones."""
         listener, self._listener = self._listener, None
         if listener is not None:
+            # Closing alone leaves a thread blocked in accept() holding the socket
+            # open, and the next connection gets through: shutdown wakes it.
+            try:
+                listener.shutdown(self._socket.SHUT_RDWR)
+            except OSError:
+                pass
             listener.close()
         with self._lock:
             pairs, self._pairs = self._pairs, []
