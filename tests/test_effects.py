@@ -49,7 +49,8 @@ def add_ledger_row(conn: psycopg.Connection[Any], order_id: str, cents: int) -> 
 def ledger(url: str, order_id: str) -> list[tuple[int, int]]:
     with psycopg.connect(url) as conn:
         return [
-            tuple(r) for r in conn.execute("SELECT id, cents FROM ledger WHERE order_id = %s", (order_id,))
+            tuple(r)
+            for r in conn.execute("SELECT id, cents FROM ledger WHERE order_id = %s ORDER BY id", (order_id,))
         ]
 
 
@@ -273,6 +274,28 @@ def test_the_whole_body_in_one_transaction_is_replayed_after_a_crash(app: Any, p
     assert again == first
     assert app.effects["bodies"] == 1
     assert ledger(pg_url, "o7") == [(first["row"], 42)]
+
+
+def test_a_transaction_inside_the_whole_body_is_part_of_its_transaction(app: Any, pg_url: str) -> None:
+    @app.task(
+        base=IdempotentTask,
+        bind=True,
+        shared=False,
+        idempotency_key=("order_id",),
+        idempotency_transaction=True,
+    )
+    def transfer(self: Any, order_id: str, fail: bool) -> list[int]:
+        debit = add_ledger_row(self.idempotency.connection, order_id, -5)
+        credit = self.idempotency.transaction(add_ledger_row, order_id, 5, name="credit")
+        if fail:
+            raise Boom()  # the body fails: nothing of it may stay, the credit included
+        return [debit, credit]
+
+    with pytest.raises(Boom):
+        transfer.apply(("o10", True))
+    assert ledger(pg_url, "o10") == []
+    rows = transfer.apply(("o10", False)).get(disable_sync_subtasks=False)
+    assert ledger(pg_url, "o10") == [(rows[0], -5), (rows[1], 5)]
 
 
 # -- steps -----------------------------------------------------------------------------

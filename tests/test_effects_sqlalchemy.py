@@ -331,3 +331,27 @@ def test_a_transaction_on_sqlite_replays_after_a_crash_before_the_commit(
     finally:
         reset_databases()
         engine.dispose()
+
+
+def test_a_transaction_inside_the_whole_body_is_part_of_its_transaction(
+    app: Any, engine: sqlalchemy.engine.Engine
+) -> None:
+    @app.task(
+        base=IdempotentTask,
+        bind=True,
+        shared=False,
+        idempotency_key=("order_id",),
+        idempotency_transaction=True,
+    )
+    def transfer(self: Any, order_id: str, fail: bool) -> list[int]:
+        debit = add_ledger_row(self.idempotency.connection, order_id, -5)
+        credit = self.idempotency.transaction(add_ledger_row, order_id, 5, name="credit")
+        if fail:
+            raise Boom()  # the body fails: nothing of it may stay, the credit included
+        return [debit, credit]
+
+    with pytest.raises(Boom):
+        transfer.apply(("o9", True))
+    assert ledger(engine, "o9") == []
+    rows = transfer.apply(("o9", False)).get(disable_sync_subtasks=False)
+    assert ledger(engine, "o9") == [(rows[0], -5), (rows[1], 5)]

@@ -5,10 +5,16 @@ Used when ``idempotency_database`` is an ``Engine``; ``fn`` receives the
 ``Session(bind=conn)``, to use the ORM in the same transaction). The step table is
 created on first use. Tested on PostgreSQL (psycopg); SQLite works too (the step
 table's SQL is portable), with SQLite's own limits on concurrent writers.
+
+A transaction opened while the thread already has one open on the same engine (a
+``self.idempotency.transaction`` inside an ``idempotency_transaction=True`` body) is a
+savepoint of it, as with psycopg and Django, not a second connection's transaction
+that would commit on its own.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -57,6 +63,7 @@ class SQLAlchemyDatabase:
         self.where = engine.url.render_as_string(hide_password=True)
         self._paramstyle = str(engine.dialect.paramstyle)
         self._schema_ready = False
+        self._local = threading.local()
 
     def _create_schema(self) -> None:
         with self._engine.begin() as connection:
@@ -69,11 +76,20 @@ class SQLAlchemyDatabase:
 
     @contextmanager
     def atomic(self) -> Iterator[_Transaction]:
-        """A transaction on a connection of the engine's pool."""
+        """A transaction on a connection of the engine's pool, or a savepoint of the open one."""
+        current: sqlalchemy.engine.Connection | None = getattr(self._local, "connection", None)
+        if current is not None:
+            with current.begin_nested():
+                yield _Transaction(current, self._paramstyle)
+            return
         if not self._schema_ready:
             self._create_schema()
         with self._engine.begin() as connection:
-            yield _Transaction(connection, self._paramstyle)
+            self._local.connection = connection
+            try:
+                yield _Transaction(connection, self._paramstyle)
+            finally:
+                self._local.connection = None
 
     def run(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
         """Run one statement in a transaction of its own."""
