@@ -330,3 +330,82 @@ def whole_body_replayed(ctx: Context) -> dict[str, Any]:
 def test_the_whole_body_in_one_transaction_is_replayed_after_a_crash(in_django: Any, pg_schema: str) -> None:
     first = in_django(whole_body_replayed)
     assert ledger(pg_schema, "o7") == [(first["row"], 42)]
+
+
+def transaction_inside_the_whole_body(ctx: Context) -> list[int]:
+    app = ctx.app()
+
+    @app.task(
+        base=IdempotentTask,
+        bind=True,
+        shared=False,
+        idempotency_key=("order_id",),
+        idempotency_transaction=True,
+    )
+    def transfer(self: Any, order_id: str, fail: bool) -> list[int]:
+        debit = add_ledger_row(order_id, -5)
+        credit = self.idempotency.transaction(add_ledger_row, order_id, 5, name="credit")
+        if fail:
+            raise Boom()  # the body fails: nothing of it may stay, the credit included
+        return [debit, credit]
+
+    with pytest.raises(Boom):
+        transfer.apply(("o10", True))
+    from tests.django_project.ledger.models import Ledger
+
+    assert not Ledger.objects.filter(order_id="o10").exists()
+    rows: list[int] = transfer.apply(("o10", False)).get(disable_sync_subtasks=False)
+    return rows
+
+
+def test_a_transaction_inside_the_whole_body_is_part_of_its_transaction(
+    in_django: Any, pg_schema: str
+) -> None:
+    debit, credit = in_django(transaction_inside_the_whole_body)
+    assert ledger(pg_schema, "o10") == [(debit, -5), (credit, 5)]
+
+
+def transaction_inside_the_bodys_atomic_block(ctx: Context) -> list[int]:
+    from django.db import transaction
+
+    app = ctx.app()
+
+    @app.task(base=IdempotentTask, bind=True, shared=False, idempotency_key=("order_id",))
+    def transfer(self: Any, order_id: str) -> list[int]:
+        with transaction.atomic():
+            debit = add_ledger_row(order_id, -5)
+            credit = self.idempotency.transaction(add_ledger_row, order_id, 5, name="credit")
+            return [debit, credit, add_ledger_row(order_id, 0)]
+
+    rows: list[int] = transfer.delay("o11").get(disable_sync_subtasks=False)
+    return rows
+
+
+def test_a_transaction_inside_the_bodys_own_atomic_block_joins_it(in_django: Any, pg_schema: str) -> None:
+    debit, credit, after = in_django(transaction_inside_the_bodys_atomic_block)
+    assert ledger(pg_schema, "o11") == [(debit, -5), (credit, 5), (after, 0)]
+
+
+def broken_connection_replaced(ctx: Context) -> int:
+    from django.db import OperationalError
+
+    from tests.django_project.ledger.models import Ledger
+
+    app = ctx.app()
+
+    @app.task(base=IdempotentTask, bind=True, shared=False, idempotency_key=("order_id",))
+    def charge(self: Any, order_id: str) -> int:
+        Ledger.objects.count()  # the connection is open
+        ctx.proxy.cut()
+        with pytest.raises(OperationalError):
+            Ledger.objects.count()  # the body's own query finds the database gone
+        ctx.proxy.restore()
+        return self.idempotency.transaction(add_ledger_row, order_id, 12)
+
+    row: int = charge.delay("o12").get(disable_sync_subtasks=False)
+    return row
+
+
+def test_a_connection_broken_before_the_transaction_is_replaced(in_django: Any, pg_schema: str) -> None:
+    row = in_django(broken_connection_replaced, proxy=True)
+    assert ledger(pg_schema, "o12") == [(row, 12)]
