@@ -17,11 +17,11 @@ import redis
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def worker_command(hostname: str, *options: str) -> list[str]:
-    """The command line of a test worker running ``tests.worker_app``."""
+def worker_command(hostname: str, *options: str, app: str = "tests.worker_app") -> list[str]:
+    """The command line of a test worker running ``app`` (``tests.worker_app`` by default)."""
     return [
         sys.executable,
-        *("-m", "celery", "-A", "tests.worker_app", "worker", "-n", hostname, "-l", "INFO"),
+        *("-m", "celery", "-A", app, "worker", "-n", hostname, "-l", "INFO"),
         *("--without-heartbeat", "--without-gossip", "--without-mingle"),
         *options,
     ]
@@ -31,7 +31,8 @@ class Worker:
     """A ``celery worker`` process running ``tests.worker_app`` in its own session.
 
     Started in a new session so that :meth:`kill` takes the pool children down with
-    the main process, as a machine failure would.
+    the main process, as a machine failure would. ``app`` runs another app module
+    (the Django project's, say) and ``env`` adds to its environment.
     """
 
     def __init__(
@@ -42,8 +43,12 @@ class Worker:
         concurrency: int = 1,
         pool: str = "prefork",
         queues: str | None = None,
+        app: str = "tests.worker_app",
+        env: dict[str, str] | None = None,
     ) -> None:
         self.name = name
+        self.app = app
+        self.env = env or {}
         self.conf = conf
         self.events = events
         self.concurrency = concurrency
@@ -57,8 +62,8 @@ class Worker:
         return f"{self.name}@test"
 
     def start(self, timeout: float = 60) -> Worker:
-        env = {**os.environ, "IDEM_TEST_CONF": json.dumps(self.conf), "PYTHONPATH": str(ROOT)}
-        args = worker_command(self.hostname, "-P", self.pool, "-c", str(self.concurrency))
+        env = {**os.environ, **self.env, "IDEM_TEST_CONF": json.dumps(self.conf), "PYTHONPATH": str(ROOT)}
+        args = worker_command(self.hostname, "-P", self.pool, "-c", str(self.concurrency), app=self.app)
         if self.queues:
             args += ["-Q", self.queues]
         with open(self.logfile, "ab") as log:

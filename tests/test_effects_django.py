@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +27,7 @@ import psycopg
 import pytest
 
 from celery_idem import IdempotentTask
+from celery_idem.effects import SCHEMA
 from celery_idem.errors import DatabaseUnavailable, FenceRefused
 from celery_idem.lease import renewer
 from celery_idem.store import store_for
@@ -409,3 +412,129 @@ def broken_connection_replaced(ctx: Context) -> int:
 def test_a_connection_broken_before_the_transaction_is_replaced(in_django: Any, pg_schema: str) -> None:
     row = in_django(broken_connection_replaced, proxy=True)
     assert ledger(pg_schema, "o12") == [(row, 12)]
+
+
+# -- another alias, the migration, the purge command ------------------------------------
+
+
+def replays_on_another_alias(ctx: Context) -> dict[str, Any]:
+    from django.db import transaction
+
+    app = ctx.app(idempotency_database="django:other")
+
+    def add_row_on_other(order_id: str, cents: int) -> int:
+        # fn runs inside transaction.atomic(using="other"): its own block is a savepoint.
+        assert transaction.get_connection("other").in_atomic_block
+        assert not transaction.get_connection("default").in_atomic_block
+        return add_ledger_row(order_id, cents, using="other")
+
+    @app.task(base=IdempotentTask, bind=True, shared=False, idempotency_key=("order_id",))
+    def charge(self: Any, order_id: str, cents: int) -> dict[str, Any]:
+        row = self.idempotency.transaction(add_row_on_other, order_id, cents)
+        app.effects["attempts"] = app.effects.get("attempts", 0) + 1
+        if app.effects["attempts"] == 1:
+            raise Boom()  # the worker died after the transaction, before the commit
+        return {"row": row, "key": self.idempotency.key}
+
+    result: dict[str, Any] = attempts(charge, "o13", 130)
+    return result
+
+
+def test_a_transaction_on_another_database_alias_replays_there(
+    in_django: Any, pg_schema: str, other_schema: str
+) -> None:
+    result = in_django(replays_on_another_alias, env={"IDEM_DJANGO_OTHER_SCHEMA": other_schema})
+    assert ledger(other_schema, "o13") == [(result["row"], 130)]
+    assert [(key, name) for key, name, _, _ in steps(other_schema)] == [
+        (result["key"], f"{__name__}.replays_on_another_alias.<locals>.add_row_on_other")
+    ]
+    assert ledger(pg_schema, "o13") == [] and steps(pg_schema) == []
+
+
+def test_the_migration_makes_the_table_the_step_sql_reads_and_writes(
+    django_env: dict[str, str], pg_schema: str, other_schema: str
+) -> None:
+    assert "No changes detected" in manage(django_env, "makemigrations", "--check", "--dry-run").stdout
+    manage(django_env, "migrate")
+    with psycopg.connect(schema_url(other_schema), autocommit=True) as conn:
+        for statement in SCHEMA.split(";"):
+            conn.execute(statement)
+
+    def columns(schema: str) -> set[tuple[str, str, str]]:
+        with psycopg.connect(POSTGRES_URL) as conn:
+            rows = conn.execute(
+                "SELECT column_name, data_type, is_nullable FROM information_schema.columns "
+                "WHERE table_schema = %s AND table_name = 'celery_idem_steps'",
+                (schema,),
+            ).fetchall()
+        return {(str(n), str(t), str(null)) for n, t, null in rows}
+
+    # Django's table is the SQL one plus its own surrogate key, with the
+    # (record_key, name) key as a unique constraint: a second write conflicts.
+    assert columns(pg_schema) == columns(other_schema) | {("id", "bigint", "NO")}
+    with psycopg.connect(schema_url(pg_schema), autocommit=True) as conn:
+        insert = (
+            "INSERT INTO celery_idem_steps (record_key, name, fence, digest, ctype, cenc, value, expires_at) "
+            "VALUES ('k', 'n', 1, '', 'application/json', 'utf-8', '1', 0)"
+        )
+        conn.execute(insert)
+        with pytest.raises(psycopg.errors.UniqueViolation):
+            conn.execute(insert)
+
+
+def test_the_purge_command_deletes_expired_step_rows_and_keeps_the_others(
+    django_env: dict[str, str], pg_schema: str, other_schema: str
+) -> None:
+    env = {**django_env, "IDEM_DJANGO_OTHER_SCHEMA": other_schema}
+    manage(env, "migrate")
+    manage(env, "migrate", "--database", "other")
+    now_ms = int(time.time() * 1000)
+    for schema in (pg_schema, other_schema):
+        with psycopg.connect(schema_url(schema), autocommit=True) as conn:
+            for name, expires_at in (("expired", now_ms - 1000), ("kept", now_ms + 3_600_000)):
+                conn.execute(
+                    "INSERT INTO celery_idem_steps "
+                    "(record_key, name, fence, digest, ctype, cenc, value, expires_at) "
+                    "VALUES ('k', %s, 1, '', 'application/json', 'utf-8', '1', %s)",
+                    (name, expires_at),
+                )
+    done = manage(env, "celery_idem_purge_steps")
+    assert done.stdout.strip() == "deleted 1 expired step row(s)"
+    assert [name for _, name, _, _ in steps(pg_schema)] == ["kept"]
+    assert sorted(name for _, name, _, _ in steps(other_schema)) == ["expired", "kept"]
+    assert manage(env, "celery_idem_purge_steps", "--database", "other").stdout.strip() == (
+        "deleted 1 expired step row(s)"
+    )
+    assert [name for _, name, _, _ in steps(other_schema)] == ["kept"]
+
+
+# -- a real worker ---------------------------------------------------------------------
+
+
+def test_a_pool_process_killed_after_its_transaction_committed_leaves_one_ledger_row(
+    start_worker: Any,
+    producer: Any,
+    worker_conf: dict[str, Any],
+    events: Any,
+    django_env: dict[str, str],
+    pg_schema: str,
+) -> None:
+    manage(django_env, "migrate")
+    start_worker(
+        worker_conf,
+        app="tests.django_project.celery_app",
+        env={name: django_env[name] for name in ("DJANGO_SETTINGS_MODULE", "IDEM_DJANGO_SCHEMA")},
+    )
+    app = producer()
+    result = app.send_task("ledger.charge", ("o20", 700), task_id="charge-o20")
+    item = events.blpop(["committed:o20"], timeout=60)
+    assert item is not None, "the task never committed its transaction"
+    committed = json.loads(item[1])
+    # After the database commit, before the Redis commit: the message comes back,
+    # the key is taken over, and the transaction is replayed, not run again.
+    os.kill(committed["pid"], signal.SIGKILL)
+    assert result.get(timeout=60) == {"row": committed["row"], "run": 2}
+    # The same key sent again is served from the record.
+    again = app.send_task("ledger.charge", ("o20", 700), task_id="charge-o20-again")
+    assert again.get(timeout=60) == {"row": committed["row"], "run": 2}
+    assert ledger(pg_schema, "o20") == [(committed["row"], 700)]
