@@ -175,6 +175,52 @@ def test_a_run_taken_over_cannot_commit_its_transaction(app: Any, pg_url: str, r
     assert ledger(pg_url, "o3") == [(winner["row"], 700)]
 
 
+def test_two_runs_racing_in_one_transaction_make_one_effect_and_return_its_value(
+    app: Any, pg_url: str, redis_url: str
+) -> None:
+    # A is taken over while frozen; B, the new run, is inside fn when A wakes up
+    # and commits the same transaction first. B's write of the step conflicts:
+    # B's transaction rolls back and B returns what A's committed.
+    a_frozen, a_go, b_inside, b_go = (threading.Event() for _ in range(4))
+    store = store_for(redis_url, {})
+    current = threading.local()
+
+    def effect(conn: Any, order_id: str) -> int:
+        if current.run == "b":
+            b_inside.set()
+            b_go.wait(30)
+        return add_ledger_row(conn, order_id, 11)
+
+    @app.task(
+        base=IdempotentTask,
+        bind=True,
+        shared=False,
+        idempotency_key=("order_id",),
+        idempotency_lock_ttl=0.3,
+    )
+    def charge(self: Any, order_id: str, run: str) -> int:
+        if run == "a":
+            renewer().drop(self.idempotency.lease)  # as if the process were frozen
+            a_frozen.set()
+            a_go.wait(30)
+        current.run = run
+        return self.idempotency.transaction(effect, order_id, name="charge")
+
+    key = charge.record_key_for(("o11", "a"))
+    with ThreadPoolExecutor(2) as pool:
+        a = pool.submit(lambda: charge.apply(("o11", "a"), task_id="a").get(disable_sync_subtasks=False))
+        assert a_frozen.wait(30)
+        lease_ended(store.client, key)
+        b = pool.submit(lambda: charge.apply(("o11", "b"), task_id="b").get(disable_sync_subtasks=False))
+        assert b_inside.wait(30)
+        a_go.set()
+        with pytest.raises(LeaseLost):
+            a.result(30)  # its transaction committed; its Redis commit is refused
+        b_go.set()
+        row = b.result(30)
+    assert ledger(pg_url, "o11") == [(row, 11)]
+
+
 def test_a_stale_transaction_under_another_step_name_is_refused_too(app: Any, pg_url: str) -> None:
     inside, leave = threading.Event(), threading.Event()
     runs: list[Any] = []

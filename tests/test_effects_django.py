@@ -28,7 +28,7 @@ import pytest
 
 from celery_idem import IdempotentTask
 from celery_idem.effects import SCHEMA
-from celery_idem.errors import DatabaseUnavailable, FenceRefused
+from celery_idem.errors import DatabaseUnavailable, FenceRefused, LeaseLost
 from celery_idem.lease import renewer
 from celery_idem.store import store_for
 from tests.conftest import POSTGRES_URL, schema_url
@@ -213,6 +213,58 @@ def taken_over_run_commits_nothing(ctx: Context) -> dict[str, Any]:
 def test_a_run_taken_over_cannot_commit_its_transaction(in_django: Any, pg_schema: str) -> None:
     winner = in_django(taken_over_run_commits_nothing)
     assert ledger(pg_schema, "o3") == [(winner["row"], 700)]
+
+
+def racing_runs_make_one_effect(ctx: Context) -> int:
+    # A is taken over while frozen; B, the new run, is inside fn when A wakes up
+    # and commits the same transaction first. B's write of the step conflicts:
+    # B's transaction rolls back and B returns what A's committed.
+    app = ctx.app()
+    a_frozen, a_go, b_inside, b_go = (threading.Event() for _ in range(4))
+    store = store_for(ctx.redis_url, {})
+    current = threading.local()
+
+    def effect(order_id: str) -> int:
+        if current.run == "b":
+            b_inside.set()
+            b_go.wait(30)
+        return add_ledger_row(order_id, 11)
+
+    @app.task(
+        base=IdempotentTask,
+        bind=True,
+        shared=False,
+        idempotency_key=("order_id",),
+        idempotency_lock_ttl=0.3,
+    )
+    def charge(self: Any, order_id: str, run: str) -> int:
+        if run == "a":
+            renewer().drop(self.idempotency.lease)  # as if the process were frozen
+            a_frozen.set()
+            a_go.wait(30)
+        current.run = run
+        return self.idempotency.transaction(effect, order_id, name="charge")
+
+    key = charge.record_key_for(("o11", "a"))
+    with ThreadPoolExecutor(2) as pool:
+        a = pool.submit(lambda: charge.apply(("o11", "a"), task_id="a").get(disable_sync_subtasks=False))
+        assert a_frozen.wait(30)
+        lease_ended(store.client, key)
+        b = pool.submit(lambda: charge.apply(("o11", "b"), task_id="b").get(disable_sync_subtasks=False))
+        assert b_inside.wait(30)
+        a_go.set()
+        with pytest.raises(LeaseLost):
+            a.result(30)  # its transaction committed; its Redis commit is refused
+        b_go.set()
+        row: int = b.result(30)
+    return row
+
+
+def test_two_runs_racing_in_one_transaction_make_one_effect_and_return_its_value(
+    in_django: Any, pg_schema: str
+) -> None:
+    row = in_django(racing_runs_make_one_effect)
+    assert ledger(pg_schema, "o11") == [(row, 11)]
 
 
 def stale_run_refused_under_another_name(ctx: Context) -> None:
