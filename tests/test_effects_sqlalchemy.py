@@ -21,7 +21,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from celery_idem import IdempotentTask
 from celery_idem.effects import SCHEMA, reset_databases
-from celery_idem.errors import DatabaseUnavailable, FenceRefused, LeaseLost
+from celery_idem.errors import DatabaseUnavailable, FenceRefused, ImproperlyConfigured, LeaseLost
 from celery_idem.lease import renewer
 from celery_idem.store import store_for
 from tests.helpers import Boom, Proxy, attempts, lease_ended
@@ -401,3 +401,20 @@ def test_a_transaction_inside_the_whole_body_is_part_of_its_transaction(
     assert ledger(engine, "o9") == []
     rows = transfer.apply(("o9", False)).get(disable_sync_subtasks=False)
     assert ledger(engine, "o9") == [(rows[0], -5), (rows[1], 5)]
+
+
+def test_a_connection_or_a_session_instead_of_an_engine_is_refused_when_the_task_is_bound(
+    redis_url: str, engine: sqlalchemy.engine.Engine
+) -> None:
+    with engine.connect() as conn, Session(bind=engine) as session:
+        for given in (conn, session):
+            app = make_app({"broker_url": "memory://", "idempotency_redis_url": redis_url})
+            app.conf.idempotency_database = given
+
+            @app.task(base=IdempotentTask, shared=False)
+            def charge() -> None:
+                pass
+
+            with pytest.raises(ImproperlyConfigured, match="must be a SQLAlchemy Engine") as refused:
+                app.finalize()
+            assert type(given).__name__ in str(refused.value)
