@@ -418,3 +418,28 @@ def test_a_connection_or_a_session_instead_of_an_engine_is_refused_when_the_task
             with pytest.raises(ImproperlyConfigured, match="must be a SQLAlchemy Engine") as refused:
                 app.finalize()
             assert type(given).__name__ in str(refused.value)
+
+
+# -- a real worker -----------------------------------------------------------------------
+
+
+def test_pool_processes_do_not_share_the_connections_the_main_process_pooled(
+    start_worker: Any,
+    producer: Any,
+    worker_conf: dict[str, Any],
+    pg_schema: str,
+    engine: sqlalchemy.engine.Engine,
+) -> None:
+    # The worker's main process used the Engine at import (tests/sqlalchemy_worker_app.py):
+    # two pool processes checking out the connection it left in the pool would talk
+    # over one socket, and read each other's replies.
+    start_worker(
+        worker_conf,
+        concurrency=2,
+        app="tests.sqlalchemy_worker_app",
+        env={"IDEM_SQLALCHEMY_SCHEMA": pg_schema},
+    )
+    app = producer()
+    results = [app.send_task("sa.charge", (f"p{i}", i)) for i in range(40)]
+    rows = [result.get(timeout=60) for result in results]
+    assert [ledger(engine, f"p{i}") for i in range(40)] == [[(row, i)] for i, row in enumerate(rows)]

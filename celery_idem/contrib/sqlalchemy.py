@@ -24,9 +24,19 @@ import sqlalchemy.exc
 
 from ..effects import SCHEMA
 
-__all__ = ["SQLAlchemyDatabase"]
+__all__ = ["SQLAlchemyDatabase", "forget_inherited_connections"]
 
 _SCHEMA_LOCK = 0x63656C6964656D
+
+
+def forget_inherited_connections(engine: sqlalchemy.engine.Engine) -> None:
+    """Give ``engine`` a new, empty pool in a forked process, leaving the parent's connections alone.
+
+    SQLAlchemy's advice for pools across ``fork()``: ``dispose(close=False)`` drops
+    the inherited connections without closing them (closing would end the parent's
+    sessions too).
+    """
+    engine.dispose(close=False)
 
 
 class _Transaction:
