@@ -9,6 +9,10 @@ storms are in ``test_effects_chaos.py``.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -30,7 +34,7 @@ from celery_idem.errors import (
 from celery_idem.lease import renewer
 from celery_idem.store import Acquired, store_for
 from tests.conftest import POSTGRES_URL, schema_url
-from tests.helpers import Boom, Proxy, attempts, lease_ended
+from tests.helpers import ROOT, Boom, Proxy, attempts, lease_ended
 from tests.worker_app import make_app
 
 
@@ -342,6 +346,41 @@ def test_a_transaction_inside_the_whole_body_is_part_of_its_transaction(app: Any
     assert ledger(pg_url, "o10") == []
     rows = transfer.apply(("o10", False)).get(disable_sync_subtasks=False)
     assert ledger(pg_url, "o10") == [(rows[0], -5), (rows[1], 5)]
+
+
+ONLY_PSYCOPG = """
+import json, sys
+from celery_idem import IdempotentTask
+from celery_idem.hooks import reset_after_fork
+from tests.worker_app import make_app
+
+app = make_app({"broker_url": "memory://", "task_always_eager": True, "task_eager_propagates": True,
+                "idempotency_redis_url": sys.argv[1], "idempotency_database_url": sys.argv[2]})
+
+@app.task(base=IdempotentTask, bind=True, shared=False)
+def one(self):
+    return self.idempotency.transaction(lambda conn: conn.execute("SELECT 1").fetchone()[0], name="one")
+
+assert one.delay().get() == 1
+reset_after_fork()  # what a new pool process runs
+# kombu.utils.json imports django.utils.functional whenever Django is installed: look
+# for Django's ORM, and for our adapters.
+heavy = {"sqlalchemy", "django.db", "celery_idem.contrib.sqlalchemy", "celery_idem.contrib.django"}
+print(json.dumps(sorted(heavy & set(sys.modules))))
+"""
+
+
+def test_the_psycopg_path_imports_neither_sqlalchemy_nor_django(redis_url: str, pg_url: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", ONLY_PSYCOPG, redis_url, pg_url],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.splitlines()[-1]) == []
 
 
 # -- steps -----------------------------------------------------------------------------

@@ -142,6 +142,10 @@ def replays_after_a_crash(ctx: Context) -> dict[str, Any]:
 
     result: dict[str, Any] = attempts(charge, "o1", 500)
     assert app.effects["attempts"] == 2
+    # Each adapter imports its own library only.
+    assert not {"sqlalchemy", "celery_idem.contrib.sqlalchemy", "celery_idem.contrib.postgres"} & set(
+        sys.modules
+    )
     return result
 
 
