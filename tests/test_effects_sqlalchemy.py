@@ -342,6 +342,36 @@ def test_the_whole_body_in_one_transaction_is_replayed_after_a_crash(
     assert ledger(engine, "o7") == [(first["row"], 42)]
 
 
+def test_an_engine_in_autocommit_mode_is_refused_before_fn_runs(redis_url: str, pg_schema: str) -> None:
+    engine = postgres_engine(pg_schema).execution_options(isolation_level="AUTOCOMMIT")
+    try:
+        app = make_app(
+            {
+                "broker_url": "memory://",
+                "task_always_eager": True,
+                "task_eager_propagates": True,
+                "idempotency_redis_url": redis_url,
+                "idempotency_database": engine,
+            }
+        )
+
+        def failing(conn: sqlalchemy.engine.Connection, order_id: str) -> int:
+            add_ledger_row(conn, order_id, 1)
+            raise Boom()  # in a transaction, the row would be rolled back
+
+        @app.task(base=IdempotentTask, bind=True, shared=False, idempotency_key=("order_id",))
+        def charge(self: Any, order_id: str) -> int:
+            return self.idempotency.transaction(failing, order_id)
+
+        # Each statement would commit on its own: the effect without its step row.
+        with pytest.raises(ImproperlyConfigured, match="autocommit"):
+            charge.delay("o14").get(disable_sync_subtasks=False)
+        assert ledger(engine, "o14") == []
+    finally:
+        reset_databases()
+        engine.dispose()
+
+
 # -- SQLite ------------------------------------------------------------------------------
 
 

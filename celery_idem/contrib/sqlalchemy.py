@@ -23,6 +23,7 @@ import sqlalchemy
 import sqlalchemy.exc
 
 from ..effects import SCHEMA
+from ..errors import ImproperlyConfigured
 
 __all__ = ["SQLAlchemyDatabase", "forget_inherited_connections"]
 
@@ -95,6 +96,12 @@ class SQLAlchemyDatabase:
         if not self._schema_ready:
             self._create_schema()
         with self._engine.begin() as connection:
+            if getattr(connection.connection.dbapi_connection, "autocommit", False) is True:
+                raise ImproperlyConfigured(
+                    f"the connections of {self.where} are in autocommit mode (isolation_level="
+                    "'AUTOCOMMIT'), so fn's writes and the step's row would each commit on their own: "
+                    "give idempotency_database an Engine without it"
+                )
             self._local.connection = connection
             try:
                 yield _Transaction(connection, self._paramstyle)
