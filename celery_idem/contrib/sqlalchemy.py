@@ -1,15 +1,25 @@
 """``self.idempotency.transaction`` through a SQLAlchemy ``Engine``.
 
-Used when ``idempotency_database`` is an ``Engine``; ``fn`` receives the
-``sqlalchemy.engine.Connection`` of the transaction (bind a ``Session`` to it,
-``Session(bind=conn)``, to use the ORM in the same transaction). The step table is
-created on first use. Tested on PostgreSQL (psycopg); SQLite works too (the step
-table's SQL is portable), with SQLite's own limits on concurrent writers.
+Used when ``idempotency_database`` is an ``Engine`` (a ``Connection`` or a ``Session``
+is refused: celery_idem opens its own transactions). ``fn`` receives the
+``sqlalchemy.engine.Connection`` of the transaction; bind a ``Session`` to it,
+``Session(bind=conn)``, to use the ORM in the same transaction (the session joins
+it: its ``commit()`` leaves the commit to celery_idem). Do not call
+``conn.commit()`` in ``fn``: SQLAlchemy commits fn's writes there, without the
+step's row (psycopg and Django refuse a commit inside their transaction blocks),
+and the step then fails with ``InvalidRequestError``. An Engine in autocommit mode
+is refused before ``fn`` runs. The step table is created on first use.
 
 A transaction opened while the thread already has one open on the same engine (a
 ``self.idempotency.transaction`` inside an ``idempotency_transaction=True`` body) is a
 savepoint of it, as with psycopg and Django, not a second connection's transaction
-that would commit on its own.
+that would commit on its own. Each pool process of a worker gives the Engine a new
+pool (``dispose(close=False)``), so connections the main process left in it are
+never shared between processes.
+
+Tested on PostgreSQL (psycopg); SQLite works for a transaction (the step table's
+SQL is portable), with SQLite's own limits on concurrent writers; savepoints on
+SQLite need SQLAlchemy's pysqlite recipe, and are not tested.
 """
 
 from __future__ import annotations

@@ -1,15 +1,17 @@
 """``self.idempotency.transaction`` through Django's ORM.
 
 Add ``"celery_idem.contrib.django"`` to ``INSTALLED_APPS`` and run ``migrate`` (the
-app's migration creates the step table), then set
-``CELERY_IDEMPOTENCY_DATABASE = "django"`` (or ``"django:<alias>"`` for another
-database alias). ``fn(*args, **kwargs)`` runs inside
-``transaction.atomic(using=alias)``, with the step's row written in the same
-transaction; use the ORM as usual inside it. Called inside an atomic block of the
-same alias, it is a savepoint of it (the step's row commits with that block).
-``python manage.py
-celery_idem_purge_steps`` deletes expired step rows (workers also do it every ten
-minutes).
+app's migration creates the step table; it is never created at run time, unlike
+with psycopg and SQLAlchemy), then set ``CELERY_IDEMPOTENCY_DATABASE = "django"`` (or
+``"django:<alias>"`` for another database alias). ``fn(*args, **kwargs)`` gets no
+connection: it runs inside ``transaction.atomic(using=alias)``, with the step's row
+written in the same transaction; use the ORM as usual inside it. Called inside an
+atomic block of the same alias (the body's own, or the whole-body transaction of
+``idempotency_transaction=True``, where ``self.idempotency.connection`` is None), it
+is a savepoint of it: the step's row commits with that block. ``python manage.py
+celery_idem_purge_steps [--database ALIAS]`` deletes expired step rows (workers
+also do it every ten minutes). Connections are Django's: Celery's Django fixup
+closes the ones a pool process inherits.
 """
 
 from __future__ import annotations
