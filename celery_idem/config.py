@@ -337,9 +337,19 @@ def _database(url: Any, options: Any, database: Any) -> DatabaseSpec | None:
                 f"database alias); got {database!r}"
             )
         return DatabaseSpec("django", alias or "default", alias or "default")
-    module = type(database).__module__ or ""
-    if module.startswith("sqlalchemy") and hasattr(database, "begin"):
-        return DatabaseSpec("sqlalchemy", _redact(str(getattr(database, "url", database))), database)
+    if (type(database).__module__ or "").startswith("sqlalchemy"):
+        # Told apart without importing SQLAlchemy: a Connection or a Session also
+        # has begin(), but celery_idem needs the Engine, to open transactions of its own.
+        if not any(
+            cls.__name__ == "Engine" and cls.__module__.startswith("sqlalchemy.engine")
+            for cls in type(database).__mro__
+        ):
+            raise ImproperlyConfigured(
+                "idempotency_database must be a SQLAlchemy Engine (sqlalchemy.create_engine(...)), "
+                "on which celery_idem opens a transaction per call and hands fn its Connection; "
+                f"got a {type(database).__name__}"
+            )
+        return DatabaseSpec("sqlalchemy", _redact(str(database.url)), database)
     if all(hasattr(database, name) for name in ("atomic", "unavailable", "conflict", "where")):
         return DatabaseSpec("custom", str(database.where), database)
     raise ImproperlyConfigured(

@@ -65,6 +65,8 @@ from .keys import canonical_json, encode_value
 from .store import BACKEND_ERRORS, Outcome
 
 if TYPE_CHECKING:
+    from celery import Celery
+
     from .config import DatabaseSpec, IdempotencyConfig
     from .lease import Lease
     from .task import IdempotentTask
@@ -180,11 +182,30 @@ def database_for(spec: DatabaseSpec) -> Database:
     return database
 
 
-def reset_databases() -> None:
-    """Forget every adapter: a forked child must not share its parent's connections."""
+def reset_databases(app: Celery | None = None) -> None:
+    """Forget every adapter: a forked child must not share its parent's connections.
+
+    With ``app`` (in a new pool process), the SQLAlchemy Engines its tasks write to
+    forget, unclosed, the connections their pools hold: they are the parent's, and
+    a parent that used the Engine before the pool forked (at import, say) would
+    otherwise have them checked out by every child at once.
+    """
     with _databases_lock:
         _databases.clear()
         _last_purge.clear()
+    if app is None:
+        return
+    engines = {}
+    for task in list(app.tasks.values()):
+        config = getattr(type(task), "_resolved_idempotency", None)
+        spec = getattr(config, "database", None)
+        if spec is not None and spec.kind == "sqlalchemy":
+            engines[id(spec.target)] = spec.target
+    if engines:
+        from .contrib.sqlalchemy import forget_inherited_connections
+
+        for engine in engines.values():
+            forget_inherited_connections(engine)
 
 
 def _make(spec: DatabaseSpec) -> Database:

@@ -3,8 +3,8 @@
 * ``worker_init``: validate every idempotent task's options against the worker's
   final configuration, switch a Redis broker to celery_idem's transport, and add
   the :class:`~celery_idem.eventloop.ReadyAwarePoll` bootstep;
-* ``worker_process_init``: give a forked pool process its own Redis connections
-  and renewal thread;
+* ``worker_process_init``: give a forked pool process its own Redis and database
+  connections and renewal thread;
 * ``before_task_publish``: leave an idempotent task's ``expires`` to the worker
   (``idempotency_worker_expiry``).
 
@@ -89,13 +89,16 @@ def _transport_fallback_reason() -> str | None:
 @signals.worker_process_init.connect(weak=False)
 def reset_after_fork(**kwargs: Any) -> None:
     """Give a new pool process its own Redis and database connections and renewal thread."""
+    from celery import current_app
+
     from .effects import reset_databases
     from .lease import reset_renewer
     from .store import reset_stores
 
     reset_stores()
     reset_renewer()
-    reset_databases()
+    # The pool process's app: Celery made it current before sending the signal.
+    reset_databases(current_app._get_current_object())
 
 
 @signals.before_task_publish.connect(weak=False)

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +17,11 @@ import redis
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def worker_command(hostname: str, *options: str) -> list[str]:
-    """The command line of a test worker running ``tests.worker_app``."""
+def worker_command(hostname: str, *options: str, app: str = "tests.worker_app") -> list[str]:
+    """The command line of a test worker running ``app`` (``tests.worker_app`` by default)."""
     return [
         sys.executable,
-        *("-m", "celery", "-A", "tests.worker_app", "worker", "-n", hostname, "-l", "INFO"),
+        *("-m", "celery", "-A", app, "worker", "-n", hostname, "-l", "INFO"),
         *("--without-heartbeat", "--without-gossip", "--without-mingle"),
         *options,
     ]
@@ -30,7 +31,8 @@ class Worker:
     """A ``celery worker`` process running ``tests.worker_app`` in its own session.
 
     Started in a new session so that :meth:`kill` takes the pool children down with
-    the main process, as a machine failure would.
+    the main process, as a machine failure would. ``app`` runs another app module
+    (the Django project's, say) and ``env`` adds to its environment.
     """
 
     def __init__(
@@ -41,8 +43,12 @@ class Worker:
         concurrency: int = 1,
         pool: str = "prefork",
         queues: str | None = None,
+        app: str = "tests.worker_app",
+        env: dict[str, str] | None = None,
     ) -> None:
         self.name = name
+        self.app = app
+        self.env = env or {}
         self.conf = conf
         self.events = events
         self.concurrency = concurrency
@@ -56,8 +62,8 @@ class Worker:
         return f"{self.name}@test"
 
     def start(self, timeout: float = 60) -> Worker:
-        env = {**os.environ, "IDEM_TEST_CONF": json.dumps(self.conf), "PYTHONPATH": str(ROOT)}
-        args = worker_command(self.hostname, "-P", self.pool, "-c", str(self.concurrency))
+        env = {**os.environ, **self.env, "IDEM_TEST_CONF": json.dumps(self.conf), "PYTHONPATH": str(ROOT)}
+        args = worker_command(self.hostname, "-P", self.pool, "-c", str(self.concurrency), app=self.app)
         if self.queues:
             args += ["-Q", self.queues]
         with open(self.logfile, "ab") as log:
@@ -140,8 +146,6 @@ def await_change(client: redis.Redis, key: str, read: Any, predicate: Any, timeo
     Woken by Redis keyspace notifications on the test's private server, so the wait
     ends on the change itself, not on a polling interval.
     """
-    import time
-
     client.config_set("notify-keyspace-events", "K$hg")
     db = client.connection_pool.connection_kwargs.get("db", 0)
     pubsub = client.pubsub()
@@ -222,8 +226,10 @@ class Proxy:
         """Close every connection through the proxy and refuse new ones."""
         listener, self._listener = self._listener, None
         if listener is not None:
+            # Closing alone leaves a thread blocked in accept() holding the socket
+            # open, and the next connection gets through: shutdown wakes it.
             try:
-                listener.shutdown(self._socket.SHUT_RDWR)  # wakes the thread blocked in accept()
+                listener.shutdown(self._socket.SHUT_RDWR)
             except OSError:
                 pass
             listener.close()
@@ -272,3 +278,27 @@ class Proxy:
     def close(self) -> None:
         """Stop the proxy."""
         self.cut()
+
+
+class Boom(Exception):
+    """A crash made by a body: raised after an effect, before the Redis commit."""
+
+
+def attempts(task: Any, *args: Any, task_id: str = "t1", **kwargs: Any) -> Any:
+    """Deliver the same message until the body gets through; return its result."""
+    for _ in range(5):
+        try:
+            return task.apply(args, kwargs, task_id=task_id).get(disable_sync_subtasks=False)
+        except Boom:
+            continue
+    raise AssertionError("the body never got through")
+
+
+def lease_ended(client: Any, key: str) -> None:
+    """Return once the lease on ``key`` has run out by the Redis server's clock."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        seconds, micros = client.time()
+        if int(client.hget(key, "expires") or 0) < seconds * 1000 + micros // 1000:
+            return
+    raise AssertionError(f"the lease on {key} never ran out")

@@ -9,8 +9,11 @@ storms are in ``test_effects_chaos.py``.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import threading
-import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -31,12 +34,8 @@ from celery_idem.errors import (
 from celery_idem.lease import renewer
 from celery_idem.store import Acquired, store_for
 from tests.conftest import POSTGRES_URL, schema_url
-from tests.helpers import Proxy
+from tests.helpers import ROOT, Boom, Proxy, attempts, lease_ended
 from tests.worker_app import make_app
-
-
-class Boom(Exception):
-    pass
 
 
 class Declined(Exception):
@@ -54,7 +53,8 @@ def add_ledger_row(conn: psycopg.Connection[Any], order_id: str, cents: int) -> 
 def ledger(url: str, order_id: str) -> list[tuple[int, int]]:
     with psycopg.connect(url) as conn:
         return [
-            tuple(r) for r in conn.execute("SELECT id, cents FROM ledger WHERE order_id = %s", (order_id,))
+            tuple(r)
+            for r in conn.execute("SELECT id, cents FROM ledger WHERE order_id = %s ORDER BY id", (order_id,))
         ]
 
 
@@ -84,16 +84,6 @@ def counted(app: Any, name: str) -> Any:
 
     effect.__qualname__ = name
     return effect
-
-
-def attempts(task: Any, *args: Any, task_id: str = "t1", **kwargs: Any) -> Any:
-    """Deliver the same message until the body gets through; return its result."""
-    for _ in range(5):
-        try:
-            return task.apply(args, kwargs, task_id=task_id).get(disable_sync_subtasks=False)
-        except Boom:
-            continue
-    raise AssertionError("the body never got through")
 
 
 # -- the fence -----------------------------------------------------------------------
@@ -154,16 +144,6 @@ def test_a_transaction_that_raises_rolls_back_and_runs_again(app: Any, pg_url: s
     assert app.effects["calls"] == 2
 
 
-def lease_ended(client: Any, key: str) -> None:
-    """Return once the lease on ``key`` has run out by the Redis server's clock."""
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        seconds, micros = client.time()
-        if int(client.hget(key, "expires") or 0) < seconds * 1000 + micros // 1000:
-            return
-    raise AssertionError(f"the lease on {key} never ran out")
-
-
 def test_a_run_taken_over_cannot_commit_its_transaction(app: Any, pg_url: str, redis_url: str) -> None:
     # Run A holds the key and stops (its lease runs out); run B takes over and
     # commits the transaction; A wakes up and tries the same transaction.
@@ -197,6 +177,52 @@ def test_a_run_taken_over_cannot_commit_its_transaction(app: Any, pg_url: str, r
             zombie.result(30)
     assert refused.value.current_fence == winner["fence"] > refused.value.fence
     assert ledger(pg_url, "o3") == [(winner["row"], 700)]
+
+
+def test_two_runs_racing_in_one_transaction_make_one_effect_and_return_its_value(
+    app: Any, pg_url: str, redis_url: str
+) -> None:
+    # A is taken over while frozen; B, the new run, is inside fn when A wakes up
+    # and commits the same transaction first. B's write of the step conflicts:
+    # B's transaction rolls back and B returns what A's committed.
+    a_frozen, a_go, b_inside, b_go = (threading.Event() for _ in range(4))
+    store = store_for(redis_url, {})
+    current = threading.local()
+
+    def effect(conn: Any, order_id: str) -> int:
+        if current.run == "b":
+            b_inside.set()
+            b_go.wait(30)
+        return add_ledger_row(conn, order_id, 11)
+
+    @app.task(
+        base=IdempotentTask,
+        bind=True,
+        shared=False,
+        idempotency_key=("order_id",),
+        idempotency_lock_ttl=0.3,
+    )
+    def charge(self: Any, order_id: str, run: str) -> int:
+        if run == "a":
+            renewer().drop(self.idempotency.lease)  # as if the process were frozen
+            a_frozen.set()
+            a_go.wait(30)
+        current.run = run
+        return self.idempotency.transaction(effect, order_id, name="charge")
+
+    key = charge.record_key_for(("o11", "a"))
+    with ThreadPoolExecutor(2) as pool:
+        a = pool.submit(lambda: charge.apply(("o11", "a"), task_id="a").get(disable_sync_subtasks=False))
+        assert a_frozen.wait(30)
+        lease_ended(store.client, key)
+        b = pool.submit(lambda: charge.apply(("o11", "b"), task_id="b").get(disable_sync_subtasks=False))
+        assert b_inside.wait(30)
+        a_go.set()
+        with pytest.raises(LeaseLost):
+            a.result(30)  # its transaction committed; its Redis commit is refused
+        b_go.set()
+        row = b.result(30)
+    assert ledger(pg_url, "o11") == [(row, 11)]
 
 
 def test_a_stale_transaction_under_another_step_name_is_refused_too(app: Any, pg_url: str) -> None:
@@ -298,6 +324,63 @@ def test_the_whole_body_in_one_transaction_is_replayed_after_a_crash(app: Any, p
     assert again == first
     assert app.effects["bodies"] == 1
     assert ledger(pg_url, "o7") == [(first["row"], 42)]
+
+
+def test_a_transaction_inside_the_whole_body_is_part_of_its_transaction(app: Any, pg_url: str) -> None:
+    @app.task(
+        base=IdempotentTask,
+        bind=True,
+        shared=False,
+        idempotency_key=("order_id",),
+        idempotency_transaction=True,
+    )
+    def transfer(self: Any, order_id: str, fail: bool) -> list[int]:
+        debit = add_ledger_row(self.idempotency.connection, order_id, -5)
+        credit = self.idempotency.transaction(add_ledger_row, order_id, 5, name="credit")
+        if fail:
+            raise Boom()  # the body fails: nothing of it may stay, the credit included
+        return [debit, credit]
+
+    with pytest.raises(Boom):
+        transfer.apply(("o10", True))
+    assert ledger(pg_url, "o10") == []
+    rows = transfer.apply(("o10", False)).get(disable_sync_subtasks=False)
+    assert ledger(pg_url, "o10") == [(rows[0], -5), (rows[1], 5)]
+
+
+ONLY_PSYCOPG = """
+import json, sys
+from celery_idem import IdempotentTask
+from celery_idem.hooks import reset_after_fork
+from tests.worker_app import make_app
+
+app = make_app({"broker_url": "memory://", "task_always_eager": True, "task_eager_propagates": True,
+                "idempotency_redis_url": sys.argv[1], "idempotency_database_url": sys.argv[2]})
+
+@app.task(base=IdempotentTask, bind=True, shared=False)
+def one(self):
+    return self.idempotency.transaction(lambda conn: conn.execute("SELECT 1").fetchone()[0], name="one")
+
+assert one.delay().get() == 1
+reset_after_fork()  # what a new pool process runs
+# kombu.utils.json imports django.utils.functional whenever Django is installed: look
+# for Django's ORM, and for our adapters.
+heavy = {"sqlalchemy", "django.db", "celery_idem.contrib.sqlalchemy", "celery_idem.contrib.django"}
+print(json.dumps(sorted(heavy & set(sys.modules))))
+"""
+
+
+def test_the_psycopg_path_imports_neither_sqlalchemy_nor_django(redis_url: str, pg_url: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", ONLY_PSYCOPG, redis_url, pg_url],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.splitlines()[-1]) == []
 
 
 # -- steps -----------------------------------------------------------------------------

@@ -1,14 +1,30 @@
 """``self.idempotency.transaction`` through a SQLAlchemy ``Engine``.
 
-Used when ``idempotency_database`` is an ``Engine``; ``fn`` receives the
-``sqlalchemy.engine.Connection`` of the transaction (bind a ``Session`` to it,
-``Session(bind=conn)``, to use the ORM in the same transaction). The step table is
-created on first use. Tested on PostgreSQL (psycopg); SQLite works too (the step
-table's SQL is portable), with SQLite's own limits on concurrent writers.
+Used when ``idempotency_database`` is an ``Engine`` (a ``Connection`` or a ``Session``
+is refused: celery_idem opens its own transactions). ``fn`` receives the
+``sqlalchemy.engine.Connection`` of the transaction; bind a ``Session`` to it,
+``Session(bind=conn)``, to use the ORM in the same transaction (the session joins
+it: its ``commit()`` leaves the commit to celery_idem). Do not call
+``conn.commit()`` in ``fn``: SQLAlchemy commits fn's writes there, without the
+step's row (psycopg and Django refuse a commit inside their transaction blocks),
+and the step then fails with ``InvalidRequestError``. An Engine in autocommit mode
+is refused before ``fn`` runs. The step table is created on first use.
+
+A transaction opened while the thread already has one open on the same engine (a
+``self.idempotency.transaction`` inside an ``idempotency_transaction=True`` body) is a
+savepoint of it, as with psycopg and Django, not a second connection's transaction
+that would commit on its own. Each pool process of a worker gives the Engine a new
+pool (``dispose(close=False)``), so connections the main process left in it are
+never shared between processes.
+
+Tested on PostgreSQL (psycopg); SQLite works for a transaction (the step table's
+SQL is portable), with SQLite's own limits on concurrent writers; savepoints on
+SQLite need SQLAlchemy's pysqlite recipe, and are not tested.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -17,10 +33,21 @@ import sqlalchemy
 import sqlalchemy.exc
 
 from ..effects import SCHEMA
+from ..errors import ImproperlyConfigured
 
-__all__ = ["SQLAlchemyDatabase"]
+__all__ = ["SQLAlchemyDatabase", "forget_inherited_connections"]
 
 _SCHEMA_LOCK = 0x63656C6964656D
+
+
+def forget_inherited_connections(engine: sqlalchemy.engine.Engine) -> None:
+    """Give ``engine`` a new, empty pool in a forked process, leaving the parent's connections alone.
+
+    SQLAlchemy's advice for pools across ``fork()``: ``dispose(close=False)`` drops
+    the inherited connections without closing them (closing would end the parent's
+    sessions too).
+    """
+    engine.dispose(close=False)
 
 
 class _Transaction:
@@ -57,6 +84,7 @@ class SQLAlchemyDatabase:
         self.where = engine.url.render_as_string(hide_password=True)
         self._paramstyle = str(engine.dialect.paramstyle)
         self._schema_ready = False
+        self._local = threading.local()
 
     def _create_schema(self) -> None:
         with self._engine.begin() as connection:
@@ -69,11 +97,26 @@ class SQLAlchemyDatabase:
 
     @contextmanager
     def atomic(self) -> Iterator[_Transaction]:
-        """A transaction on a connection of the engine's pool."""
+        """A transaction on a connection of the engine's pool, or a savepoint of the open one."""
+        current: sqlalchemy.engine.Connection | None = getattr(self._local, "connection", None)
+        if current is not None:
+            with current.begin_nested():
+                yield _Transaction(current, self._paramstyle)
+            return
         if not self._schema_ready:
             self._create_schema()
         with self._engine.begin() as connection:
-            yield _Transaction(connection, self._paramstyle)
+            if getattr(connection.connection.dbapi_connection, "autocommit", False) is True:
+                raise ImproperlyConfigured(
+                    f"the connections of {self.where} are in autocommit mode (isolation_level="
+                    "'AUTOCOMMIT'), so fn's writes and the step's row would each commit on their own: "
+                    "give idempotency_database an Engine without it"
+                )
+            self._local.connection = connection
+            try:
+                yield _Transaction(connection, self._paramstyle)
+            finally:
+                self._local.connection = None
 
     def run(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
         """Run one statement in a transaction of its own."""

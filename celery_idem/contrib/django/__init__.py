@@ -1,13 +1,17 @@
 """``self.idempotency.transaction`` through Django's ORM.
 
 Add ``"celery_idem.contrib.django"`` to ``INSTALLED_APPS`` and run ``migrate`` (the
-app's migration creates the step table), then set
-``CELERY_IDEMPOTENCY_DATABASE = "django"`` (or ``"django:<alias>"`` for another
-database alias). ``fn(*args, **kwargs)`` runs inside
-``transaction.atomic(using=alias)``, with the step's row written in the same
-transaction; use the ORM as usual inside it. ``python manage.py
-celery_idem_purge_steps`` deletes expired step rows (workers also do it every ten
-minutes).
+app's migration creates the step table; it is never created at run time, unlike
+with psycopg and SQLAlchemy), then set ``CELERY_IDEMPOTENCY_DATABASE = "django"`` (or
+``"django:<alias>"`` for another database alias). ``fn(*args, **kwargs)`` gets no
+connection: it runs inside ``transaction.atomic(using=alias)``, with the step's row
+written in the same transaction; use the ORM as usual inside it. Called inside an
+atomic block of the same alias (the body's own, or the whole-body transaction of
+``idempotency_transaction=True``, where ``self.idempotency.connection`` is None), it
+is a savepoint of it: the step's row commits with that block. ``python manage.py
+celery_idem_purge_steps [--database ALIAS]`` deletes expired step rows (workers
+also do it every ten minutes). Connections are Django's: Celery's Django fixup
+closes the ones a pool process inherits.
 """
 
 from __future__ import annotations
@@ -58,10 +62,22 @@ class DjangoDatabase:
 
     @contextmanager
     def atomic(self) -> Iterator[_Transaction]:
-        """``transaction.atomic(using=alias)``, closing a connection that failed."""
-        from django.db import close_old_connections, connections, transaction
+        """``transaction.atomic(using=alias)``, closing a connection that failed.
 
-        close_old_connections()
+        Inside an atomic block already open on the alias (the body's own, or the
+        whole-body transaction) it is a savepoint of that block, so the step's row
+        commits or rolls back with it.
+        """
+        from django.db import connections, transaction
+
+        connection = connections[self._alias]
+        if connection.errors_occurred and not connection.in_atomic_block:
+            # A statement failed since the last commit (the database went away?):
+            # check the connection now, as Django would at the next request,
+            # rather than fail this transaction on it. Not close_old_connections:
+            # it would close the connection of an open atomic block, and every
+            # alias's, and, with CONN_MAX_AGE = 0, a healthy one too.
+            connection.close_if_unusable_or_obsolete()
         try:
             with transaction.atomic(using=self._alias):
                 yield _Transaction(self._alias)
