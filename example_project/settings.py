@@ -7,7 +7,8 @@
     when it is a Redis URL, else ``redis://localhost:6379/0``.
 ``LEDGER_URL``
     Where charges and receipts are written: ``sqlite:///path`` (default
-    ``example_project/ledger.sqlite3``) or ``postgresql://...`` (needs psycopg 3).
+    ``example_project/ledger.sqlite3``, through SQLAlchemy) or ``postgresql://...``
+    (through psycopg 3); ``pip install 'celery-idem[demo]'`` installs both.
 ``EXAMPLE_TASK_BASE``
     ``idempotent`` (default) runs the tasks on :class:`celery_idem.IdempotentTask`;
     ``plain`` runs the same tasks on :class:`celery.Task`, to compare.

@@ -9,13 +9,15 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from example_project.ledger import Ledger, StaleWrite
+from example_project.ledger import Ledger, record_charge
+from tests.conftest import schema_url
 
 pytestmark = pytest.mark.chaos
 
@@ -95,25 +97,39 @@ def ledger(tmp_path):
     ledger.close()
 
 
-def test_ledger_refuses_a_write_under_a_lower_fence_than_one_recorded(ledger):
-    ledger.record_charge(7, 500, fence=5, task_id="taken-over")
-    with pytest.raises(StaleWrite) as refused:
-        ledger.record_charge(7, 500, fence=3, task_id="stale")
-    assert (refused.value.fence, refused.value.recorded) == (3, 5)
-    assert [row["task_id"] for row in ledger.rows("charges", 7)] == ["taken-over"]
+def test_sqlite_ledger_transaction_holds_the_write_lock_from_its_begin(ledger, tmp_path):
+    # A transaction that read first and then wrote could otherwise fail at once with
+    # "database is locked" when another process wrote meanwhile; taking the lock
+    # when it begins makes it wait (busy timeout) instead.
+    other = sqlite3.connect(tmp_path / "ledger.sqlite3", timeout=0, isolation_level=None)
+    try:
+        with ledger.transaction():
+            with pytest.raises(sqlite3.OperationalError, match="locked"):
+                other.execute("BEGIN IMMEDIATE")
+        other.execute("BEGIN IMMEDIATE")
+        other.execute("COMMIT")
+    finally:
+        other.close()
 
 
-def test_ledger_write_under_a_higher_fence_replaces_the_row_of_a_cut_off_run(ledger):
-    cut_off = ledger.record_charge(8, 500, fence=1, task_id="cut-off")
-    retaken = ledger.record_charge(8, 500, fence=2, task_id="took-over")
-    assert retaken == cut_off
-    (row,) = ledger.rows("charges", 8)
-    assert (row["fence"], row["superseded_fence"], row["task_id"]) == (2, 1, "took-over")
-    assert ledger.record_charge(8, 500, fence=2, task_id="took-over") == cut_off  # the same run again
-
-
-def test_ledger_keeps_every_write_without_a_fence_so_plain_duplicates_show(ledger):
-    ledger.record_charge(9, 500, fence=None, task_id="a")
-    ledger.record_charge(9, 500, fence=None, task_id="a")
+def test_ledger_keeps_every_plain_write_so_duplicates_show(ledger):
+    first = ledger.write(record_charge, 9, 500)
+    second = ledger.write(record_charge, 9, 500)
+    assert second != first
     tally = ledger.tally("charges", [9, 10])
     assert (tally.rows, tally.distinct, tally.duplicates, tally.missing) == (2, 1, 1, (10,))
+    assert [row["id"] for row in ledger.rows("charges", 9)] == [first, second]
+
+
+def test_ledger_on_postgresql_writes_and_counts_through_psycopg(pg_schema):
+    ledger = Ledger(schema_url(pg_schema))
+    try:
+        ledger.create_schema()
+        assert ledger.engine is None
+        first = ledger.write(record_charge, 9, 500)
+        ledger.write(record_charge, 9, 500)
+        assert ledger.tally("charges", [9]).duplicates == 1
+        assert ledger.rows("charges", 9)[0]["id"] == first
+        assert ledger.highest_order_id() == 9
+    finally:
+        ledger.close()
