@@ -14,6 +14,9 @@
     ``plain`` runs the same tasks on :class:`celery.Task`, to compare.
 ``EXAMPLE_QUEUE``
     The queue tasks are sent to and workers consume (default ``celery``).
+``EXAMPLE_TRACE``
+    ``1``: ``charge_order`` bodies report where they are (see
+    :func:`example_project.monitoring.trace`), for the demo's killer. Off by default.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ LEDGER_URL = (
 )
 TASK_BASE = os.environ.get("EXAMPLE_TASK_BASE") or "idempotent"
 QUEUE = os.environ.get("EXAMPLE_QUEUE") or "celery"
+TRACE = os.environ.get("EXAMPLE_TRACE") == "1"
 
 if TASK_BASE not in ("idempotent", "plain"):
     raise ValueError(f"EXAMPLE_TASK_BASE must be 'idempotent' or 'plain'; got {TASK_BASE!r}")
