@@ -21,7 +21,7 @@ import random
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from celery import Task
 from celery.exceptions import Ignore
@@ -30,6 +30,9 @@ from celery_idem import IdempotentTask
 
 from . import ledger, monitoring, settings
 from .celery import app
+
+if TYPE_CHECKING:
+    from celery_idem.effects import Run
 
 __all__ = ["charge_order", "checkout", "send_receipt", "settle_batch"]
 
@@ -48,7 +51,7 @@ def transaction(task: Task, fn: Callable[..., T], *args: Any) -> T:
     unprotected while Redis is away): ``fn`` then runs in a transaction of its own
     each time the body runs, so a re-run writes again.
     """
-    run = getattr(task, "idempotency", None)
+    run: Run | None = getattr(task, "idempotency", None)
     if run is None:
         return ledger.for_this_process().write(fn, *args)
     return run.transaction(fn, *args)
@@ -56,7 +59,7 @@ def transaction(task: Task, fn: Callable[..., T], *args: Any) -> T:
 
 def step(task: Task, fn: Callable[..., T], *args: Any) -> T:
     """``task.idempotency.step(fn, *args)``: ``fn``'s value is stored, and later runs get it back."""
-    run = getattr(task, "idempotency", None)
+    run: Run | None = getattr(task, "idempotency", None)
     if run is None:
         return fn(*args)
     return run.step(fn, *args)
