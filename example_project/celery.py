@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from celery import Celery
+from typing import Any
 
-from . import monitoring, settings
+from celery import Celery, signals
+
+from . import ledger, monitoring, settings
 
 app = Celery(
     "example_project",
@@ -49,5 +51,27 @@ if settings.BROKER_URL.startswith(("redis://", "rediss://", "redis+socket://")):
         "unacked_restore_interval": 1,
         "unacked_restore_throttle": 1,
     }
+
+# Where self.idempotency.transaction writes: the ledger's own database, so that a
+# charge row and celery_idem's record of it commit in one transaction. PostgreSQL
+# by URL (celery_idem connects with psycopg); SQLite through the ledger's Engine,
+# whose transactions begin with BEGIN IMMEDIATE (see ledger.sqlite_engine).
+if ledger.is_postgres(settings.LEDGER_URL):
+    app.conf.idempotency_database_url = settings.LEDGER_URL
+else:
+    app.conf.idempotency_database = ledger.for_this_process().engine
+
+
+@signals.worker_init.connect(weak=False)
+def create_ledger_schema(sender: Any = None, **kwargs: Any) -> None:
+    """Create the ledger's tables before the pool starts (celery_idem creates its own)."""
+    ledger.for_this_process().create_schema()
+
+
+@signals.worker_process_init.connect(weak=False)
+def own_ledger_connections(**kwargs: Any) -> None:
+    """Give a forked pool process connections of its own, the Engine's pool included."""
+    ledger.for_this_process()
+
 
 monitoring.install(app)

@@ -1,38 +1,43 @@
 """The ledger the tasks write to: charges, receipts and settlements, in SQL.
 
-SQLite by default (``LEDGER_URL=sqlite:///path``; WAL mode, so the workers'
-processes write concurrently) or PostgreSQL (``LEDGER_URL=postgresql://...``, with
-psycopg 3). No table has a unique constraint on its order id: a task that runs
-twice writes two rows, which is what the demo counts.
+SQLite by default (``LEDGER_URL=sqlite:///path``), through a SQLAlchemy ``Engine``,
+or PostgreSQL (``LEDGER_URL=postgresql://...``), through psycopg 3. No table has a
+unique constraint on its order id: a charge made twice is two rows, which is what
+the demo counts.
 
-What keeps the writes of an idempotent task unique is its fencing token
-(``self.idempotency.token``), which every write carries. Per order, a write under
-
-* a token *lower* than one already recorded is refused with :class:`StaleWrite`:
-  it comes from a run whose lease was taken over, perhaps one that was paused and
-  woke up, and it must no longer act on the order;
-* a *higher* token replaces the row of the lower one: that run wrote and was then
-  cut off before it could record its result, and the run that took over its lease
-  did the work again, so the newer write is the one that counts (the row keeps the
-  token it replaced in ``superseded_fence``);
-* the *same* token returns the row already written: the same run writing again.
-
-A write without a token (``fence=None``: a plain ``celery.Task``, as in the demo's
-comparison run) is a plain insert, never refused, so its duplicates stay visible.
+The writes are functions of an open transaction's connection (``record_charge``,
+``record_receipt``, ``record_settlement``), so that an idempotent task can hand them
+to ``self.idempotency.transaction``: the row and the record that proves it was
+written (celery_idem's step row, under the run's fence) commit together, and a run
+that takes over from one killed after that commit gets the row's id back without
+writing again. A plain ``celery.Task`` (the demo's comparison) runs the same
+functions through :meth:`Ledger.write`, in a transaction of their own, every time
+its body runs. The functions take a SQLAlchemy ``Connection`` (SQLite) or a psycopg
+``Connection`` (PostgreSQL), whichever the ledger's database gives.
 """
 
 from __future__ import annotations
 
 import os
-import sqlite3
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from . import settings
 
-__all__ = ["Ledger", "StaleWrite", "Tally", "for_this_process"]
+__all__ = [
+    "Ledger",
+    "Tally",
+    "for_this_process",
+    "is_postgres",
+    "record_charge",
+    "record_receipt",
+    "record_settlement",
+    "sqlite_engine",
+]
+
+T = TypeVar("T")
 
 #: Each table and the column a duplicate is counted on.
 TABLES = {"charges": "order_id", "receipts": "order_id", "settlements": "batch_id"}
@@ -42,9 +47,6 @@ CREATE TABLE IF NOT EXISTS charges (
     id {id},
     order_id BIGINT NOT NULL,
     amount_cents BIGINT NOT NULL,
-    fence BIGINT,
-    superseded_fence BIGINT,
-    task_id TEXT NOT NULL,
     worker_pid INTEGER NOT NULL,
     created_at {now}
 );
@@ -53,9 +55,7 @@ CREATE TABLE IF NOT EXISTS receipts (
     id {id},
     order_id BIGINT NOT NULL,
     charge_id BIGINT NOT NULL,
-    fence BIGINT,
-    superseded_fence BIGINT,
-    task_id TEXT NOT NULL,
+    message_id TEXT NOT NULL,
     worker_pid INTEGER NOT NULL,
     created_at {now}
 );
@@ -63,28 +63,93 @@ CREATE INDEX IF NOT EXISTS receipts_order_id ON receipts (order_id);
 CREATE TABLE IF NOT EXISTS settlements (
     id {id},
     batch_id BIGINT NOT NULL,
-    fence BIGINT,
-    superseded_fence BIGINT,
-    task_id TEXT NOT NULL,
     worker_pid INTEGER NOT NULL,
     created_at {now}
 );
 CREATE INDEX IF NOT EXISTS settlements_batch_id ON settlements (batch_id);
 """
 
+# -- the writes, in the transaction they are given -------------------------------------
+#
+# They take only the order's own values: celery_idem stores a digest of a
+# transaction's arguments, and a run that takes the key over from another message
+# (another task id) must call it with the same ones to be handed the stored row.
 
-class StaleWrite(Exception):
-    """A write carried a lower fencing token than one the ledger already recorded."""
 
-    def __init__(self, table: str, key: int, fence: int, recorded: int) -> None:
-        super().__init__(
-            f"refused a write to {table} for {TABLES[table]} {key} under fencing token {fence}: "
-            f"token {recorded} already wrote it, so this run's lease was taken over"
+def record_charge(conn: Any, order_id: int, amount_cents: int) -> int:
+    """Write the charge of ``order_id``; return its row id."""
+    return _insert(conn, "charges", {"order_id": order_id, "amount_cents": amount_cents})
+
+
+def record_receipt(conn: Any, order_id: int, charge_id: int, message_id: str) -> int:
+    """Write the receipt of a charge, sent as the provider's ``message_id``; return its row id."""
+    return _insert(conn, "receipts", {"order_id": order_id, "charge_id": charge_id, "message_id": message_id})
+
+
+def record_settlement(conn: Any, batch_id: int) -> int:
+    """Write the settlement of ``batch_id``; return its row id."""
+    return _insert(conn, "settlements", {"batch_id": batch_id})
+
+
+def _insert(conn: Any, table: str, values: dict[str, Any]) -> int:
+    row = {**values, "worker_pid": os.getpid()}
+    columns = ", ".join(row)
+    if _is_sqlalchemy(conn):
+        marks = ", ".join("?" for _ in row)
+        result = conn.exec_driver_sql(
+            f"INSERT INTO {table} ({columns}) VALUES ({marks})", tuple(row.values())
         )
-        self.table = table
-        self.key = key
-        self.fence = fence
-        self.recorded = recorded
+        return int(result.lastrowid)
+    marks = ", ".join("%s" for _ in row)
+    found = conn.execute(
+        f"INSERT INTO {table} ({columns}) VALUES ({marks}) RETURNING id", tuple(row.values())
+    ).fetchone()
+    return int(found[0])
+
+
+def _is_sqlalchemy(conn: Any) -> bool:
+    return hasattr(conn, "exec_driver_sql")
+
+
+def _query(conn: Any, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+    """Rows of ``sql`` (``%s`` placeholders) on either kind of connection."""
+    if _is_sqlalchemy(conn):
+        return [tuple(row) for row in conn.exec_driver_sql(sql.replace("%s", "?"), tuple(params))]
+    return [tuple(row) for row in conn.execute(sql, tuple(params)).fetchall()]
+
+
+# -- the databases -----------------------------------------------------------------------
+
+
+def is_postgres(url: str) -> bool:
+    return url.startswith(("postgresql://", "postgres://"))
+
+
+def sqlite_engine(path: str) -> Any:
+    """A SQLAlchemy ``Engine`` for the SQLite file at ``path``, safe for concurrent writers.
+
+    Several worker processes write to one file. SQLite lets a transaction that read
+    first fail at once with "database is locked" when it then tries to write while
+    another process writes (the busy timeout does not apply to that lock upgrade).
+    So every transaction takes the write lock when it begins (``BEGIN IMMEDIATE``),
+    waiting up to the busy timeout for it, and pysqlite is kept from issuing
+    ``BEGIN`` itself (SQLAlchemy's recipe for pysqlite transactions). WAL lets the
+    demo's counts read while the workers write.
+    """
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(f"sqlite:///{path}", connect_args={"timeout": 30})
+
+    @sqlalchemy.event.listens_for(engine, "connect")
+    def _connect(dbapi_connection: Any, record: Any) -> None:
+        dbapi_connection.isolation_level = None  # no BEGIN of pysqlite's own
+        dbapi_connection.execute("PRAGMA journal_mode=WAL")
+
+    @sqlalchemy.event.listens_for(engine, "begin")
+    def _begin(conn: Any) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
 
 
 @dataclass(frozen=True)
@@ -102,32 +167,67 @@ class Tally:
 
 
 class Ledger:
-    """A connection to the ledger at ``url``, for one process."""
+    """The ledger at ``url``, for one process: its schema, plain writes, and counts.
+
+    ``engine`` is the SQLAlchemy ``Engine`` of a SQLite ledger (what the app hands to
+    ``idempotency_database``), None for PostgreSQL (the app gives celery_idem the URL,
+    ``idempotency_database_url``, and this object keeps a psycopg connection of its own).
+    """
 
     def __init__(self, url: str) -> None:
         self.url = url
+        self.pid = os.getpid()
+        self.engine: Any = None
+        self._pg: Any = None
         if url.startswith("sqlite:///"):
-            self._db: _Database = _SQLite(url[len("sqlite:///") :])
-        elif url.startswith(("postgresql://", "postgres://")):
-            self._db = _Postgres(url)
-        else:
+            self.engine = sqlite_engine(url[len("sqlite:///") :])
+        elif not is_postgres(url):
             raise ValueError(f"LEDGER_URL must be sqlite:///path or postgresql://...; got {url!r}")
+
+    @contextmanager
+    def transaction(self) -> Iterator[Any]:
+        """A transaction on this process's connection: committed at the end, rolled back on error."""
+        if self.engine is not None:
+            with self.engine.begin() as conn:
+                yield conn
+            return
+        if self._pg is None or self._pg.closed or self._pg.broken:
+            try:
+                import psycopg
+            except ImportError:
+                raise RuntimeError(
+                    "a postgresql:// LEDGER_URL needs psycopg 3: pip install 'psycopg[binary]' "
+                    "(the demo extra installs it)"
+                ) from None
+            self._pg = psycopg.connect(self.url, autocommit=True)
+        with self._pg.transaction():
+            yield self._pg
+
+    def write(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(conn, *args)`` in a transaction of its own: a plain, unprotected write."""
+        with self.transaction() as conn:
+            return fn(conn, *args)
 
     def create_schema(self) -> None:
         """Create the tables unless they exist."""
-        self._db.create_schema()
-
-    def record_charge(self, order_id: int, amount_cents: int, fence: int | None, task_id: str) -> int:
-        """Write the charge of ``order_id`` and return its row id."""
-        return self._write("charges", order_id, {"amount_cents": amount_cents}, fence, task_id)
-
-    def record_receipt(self, order_id: int, charge_id: int, fence: int | None, task_id: str) -> int:
-        """Write the receipt of a charge and return its row id."""
-        return self._write("receipts", order_id, {"charge_id": charge_id}, fence, task_id)
-
-    def record_settlement(self, batch_id: int, fence: int | None, task_id: str) -> int:
-        """Write the settlement of ``batch_id`` and return its row id."""
-        return self._write("settlements", batch_id, {}, fence, task_id)
+        if self.engine is not None:
+            schema = _SCHEMA.format(
+                id="INTEGER PRIMARY KEY AUTOINCREMENT", now="TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP"
+            )
+        else:
+            schema = _SCHEMA.format(
+                id="BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY", now="TIMESTAMPTZ NOT NULL DEFAULT now()"
+            )
+        with self.transaction() as conn:
+            if not _is_sqlalchemy(conn):
+                # Two processes creating the same table at once can collide in the catalog.
+                conn.execute("SELECT pg_advisory_xact_lock(hashtextextended('example ledger', 0))")
+            for statement in schema.split(";"):
+                if statement.strip():
+                    if _is_sqlalchemy(conn):
+                        conn.exec_driver_sql(statement)
+                    else:
+                        conn.execute(statement)
 
     def tally(self, table: str, keys: Iterable[int]) -> Tally:
         """Count the rows of ``table`` for ``keys`` (order ids, or batch ids)."""
@@ -135,10 +235,12 @@ class Ledger:
         wanted = sorted(set(keys))
         if not wanted:
             return Tally(0, 0, ())
-        found = self._db.fetchall(
-            f"SELECT {column}, COUNT(*) FROM {table} WHERE {column} BETWEEN ? AND ? GROUP BY {column}",
-            (wanted[0], wanted[-1]),
-        )
+        with self.transaction() as conn:
+            found = _query(
+                conn,
+                f"SELECT {column}, COUNT(*) FROM {table} WHERE {column} BETWEEN %s AND %s GROUP BY {column}",
+                (wanted[0], wanted[-1]),
+            )
         present = set(wanted)
         counts = {key: count for key, count in found if key in present}
         missing = tuple(key for key in wanted if key not in counts)
@@ -146,166 +248,50 @@ class Ledger:
 
     def highest_order_id(self) -> int:
         """The highest order id charged so far, 0 if none."""
-        ((highest,),) = self._db.fetchall("SELECT COALESCE(MAX(order_id), 0) FROM charges")
+        with self.transaction() as conn:
+            ((highest,),) = _query(conn, "SELECT COALESCE(MAX(order_id), 0) FROM charges")
         return int(highest)
 
     def rows(self, table: str, key: int) -> list[dict[str, Any]]:
         """Every row of ``table`` for one order (or batch), oldest first."""
-        return self._db.fetchall_dicts(f"SELECT * FROM {table} WHERE {TABLES[table]} = ? ORDER BY id", (key,))
+        with self.transaction() as conn:
+            if _is_sqlalchemy(conn):
+                result = conn.exec_driver_sql(
+                    f"SELECT * FROM {table} WHERE {TABLES[table]} = ? ORDER BY id", (key,)
+                )
+                return [dict(row._mapping) for row in result]
+            cursor = conn.execute(f"SELECT * FROM {table} WHERE {TABLES[table]} = %s ORDER BY id", (key,))
+            names = [column.name for column in cursor.description]
+            return [dict(zip(names, found)) for found in cursor.fetchall()]
+
+    def forked(self) -> None:
+        """Forget the parent's connections in a forked child, without closing them under it."""
+        if self.engine is not None:
+            self.engine.dispose(close=False)
+        self._pg = None
+        self.pid = os.getpid()
 
     def close(self) -> None:
-        self._db.close()
-
-    def _write(self, table: str, key: int, values: dict[str, Any], fence: int | None, task_id: str) -> int:
-        row = {TABLES[table]: key, **values, "fence": fence, "task_id": task_id, "worker_pid": os.getpid()}
-        if fence is None:
-            return self._db.insert(table, row)
-        with self._db.transaction(f"{table}:{key}"):
-            latest = self._db.fetchall(
-                f"SELECT id, fence FROM {table} WHERE {TABLES[table]} = ? AND fence IS NOT NULL "
-                "ORDER BY fence DESC LIMIT 1",
-                (key,),
-            )
-            if not latest:
-                return self._db.insert(table, row)
-            row_id, recorded = latest[0]
-            if fence < recorded:
-                raise StaleWrite(table, key, fence, recorded)
-            if fence > recorded:
-                changes = {**row, "superseded_fence": recorded}
-                assignments = ", ".join(f"{name} = ?" for name in changes)
-                self._db.execute(
-                    f"UPDATE {table} SET {assignments} WHERE id = ?", (*changes.values(), row_id)
-                )
-            return int(row_id)
+        if self.engine is not None:
+            self.engine.dispose()
+        if self._pg is not None:
+            self._pg.close()
+            self._pg = None
 
 
-_ledgers: dict[int, Ledger] = {}
+_ledger: Ledger | None = None
 
 
 def for_this_process() -> Ledger:
-    """The ledger at ``LEDGER_URL``, schema created, for this process.
+    """The ledger at ``LEDGER_URL``, one per process (a forked child drops the parent's connections).
 
-    One connection per process: a forked pool process opens its own.
+    The app hands its ``engine`` to celery_idem when it is configured, so the worker's
+    pool processes must reach it through here, which makes the engine's pool their
+    own after the fork (``Engine.dispose(close=False)``, SQLAlchemy's recipe).
     """
-    pid = os.getpid()
-    ledger = _ledgers.get(pid)
-    if ledger is None:
-        ledger = _ledgers[pid] = Ledger(settings.LEDGER_URL)
-        ledger.create_schema()
-    return ledger
-
-
-class _Database:
-    """What the ledger needs of a database: the SQL dialects differ a little."""
-
-    def create_schema(self) -> None:
-        raise NotImplementedError
-
-    def transaction(self, lock: str) -> Any:
-        """A transaction that holds ``lock`` (one order of one table) until it ends."""
-        raise NotImplementedError
-
-    def execute(self, sql: str, params: tuple[Any, ...] = ()) -> Any:
-        raise NotImplementedError
-
-    def insert(self, table: str, row: dict[str, Any]) -> int:
-        raise NotImplementedError
-
-    def fetchall(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-        return [tuple(found) for found in self.execute(sql, params).fetchall()]
-
-    def fetchall_dicts(self, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
-        cursor = self.execute(sql, params)
-        names = [column[0] for column in cursor.description]
-        return [dict(zip(names, found)) for found in cursor.fetchall()]
-
-    def close(self) -> None:
-        raise NotImplementedError
-
-
-class _SQLite(_Database):
-    def __init__(self, path: str) -> None:
-        # isolation_level=None: no implicit transactions; writes that must see a
-        # consistent ledger open their own with BEGIN IMMEDIATE. The timeout is
-        # SQLite's busy timeout: how long a write waits for another process's lock.
-        self.connection = sqlite3.connect(path, timeout=30, isolation_level=None)
-        self.connection.execute("PRAGMA journal_mode=WAL")
-
-    def create_schema(self) -> None:
-        schema = _SCHEMA.format(
-            id="INTEGER PRIMARY KEY AUTOINCREMENT",
-            now="TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP",
-        )
-        self.connection.executescript(schema)
-
-    @contextmanager
-    def transaction(self, lock: str) -> Iterator[None]:
-        # BEGIN IMMEDIATE takes the database's write lock now, so the check and the
-        # write below it cannot interleave with another process's.
-        self.connection.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-        except BaseException:
-            self.connection.execute("ROLLBACK")
-            raise
-        self.connection.execute("COMMIT")
-
-    def execute(self, sql: str, params: tuple[Any, ...] = ()) -> Any:
-        return self.connection.execute(sql, params)
-
-    def insert(self, table: str, row: dict[str, Any]) -> int:
-        columns = ", ".join(row)
-        marks = ", ".join("?" for _ in row)
-        cursor = self.connection.execute(
-            f"INSERT INTO {table} ({columns}) VALUES ({marks})", tuple(row.values())
-        )
-        return int(cursor.lastrowid or 0)
-
-    def close(self) -> None:
-        self.connection.close()
-
-
-class _Postgres(_Database):
-    def __init__(self, url: str) -> None:
-        try:
-            import psycopg
-        except ImportError:
-            raise RuntimeError(
-                "a postgresql:// LEDGER_URL needs psycopg 3: pip install 'psycopg[binary]' "
-                "(the demo extra installs it)"
-            ) from None
-        self.connection = psycopg.connect(url, autocommit=True)
-
-    def create_schema(self) -> None:
-        schema = _SCHEMA.format(
-            id="BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY",
-            now="TIMESTAMPTZ NOT NULL DEFAULT now()",
-        )
-        # Two processes creating the same table at once can collide in the catalog.
-        with self.transaction("schema"):
-            self.connection.execute(schema)
-
-    @contextmanager
-    def transaction(self, lock: str) -> Iterator[None]:
-        # No unique constraint to lean on, so concurrent writers of one order are
-        # serialised by an advisory lock held until the transaction ends.
-        with self.connection.transaction():
-            self.connection.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (lock,))
-            yield
-
-    def execute(self, sql: str, params: tuple[Any, ...] = ()) -> Any:
-        return self.connection.execute(sql.replace("?", "%s"), params)
-
-    def insert(self, table: str, row: dict[str, Any]) -> int:
-        columns = ", ".join(row)
-        marks = ", ".join("%s" for _ in row)
-        cursor = self.connection.execute(
-            f"INSERT INTO {table} ({columns}) VALUES ({marks}) RETURNING id", tuple(row.values())
-        )
-        found = cursor.fetchone()
-        assert found is not None
-        return int(found[0])
-
-    def close(self) -> None:
-        self.connection.close()
+    global _ledger
+    if _ledger is None:
+        _ledger = Ledger(settings.LEDGER_URL)
+    elif _ledger.pid != os.getpid():
+        _ledger.forked()
+    return _ledger

@@ -11,10 +11,15 @@ exporter would count them:
 
 A worker that is ready to consume pushes its pid to ``example:ready:<hostname>``,
 so deployment scripts (and the demo) wait on that list instead of sleeping.
+
+With ``EXAMPLE_TRACE=1``, :func:`trace` reports where a body is to
+``example:trace:<queue>``, which the demo's killer reads to SIGKILL bodies at chosen
+moments (see :mod:`example_project.demo.killer`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -23,8 +28,11 @@ from celery import Celery, Task, signals
 
 from celery_idem.signals import lease_taken_over, task_replayed
 
+from . import settings
+
 METRICS_KEY = "example:metrics"
 READY_KEY = "example:ready:{hostname}"
+TRACE_KEY = "example:trace:{queue}"
 
 _clients: dict[tuple[int, str], redis.Redis] = {}
 
@@ -40,6 +48,17 @@ def client(url: str) -> redis.Redis:
 def count(task: Task, event: str) -> None:
     """Add one to ``<task name>:<event>``."""
     client(task.app.conf.idempotency_redis_url).hincrby(METRICS_KEY, f"{task.name}:{event}", 1)
+
+
+def trace(phase: str, order_id: int) -> None:
+    """Report that this process's body of ``order_id`` reached ``phase`` (with ``EXAMPLE_TRACE=1``).
+
+    The report names the pool process and its worker (the parent), so a reader can
+    tell which process to signal and whose worker it is.
+    """
+    if settings.TRACE:
+        report = {"phase": phase, "order_id": order_id, "pid": os.getpid(), "ppid": os.getppid()}
+        client(settings.REDIS_URL).rpush(TRACE_KEY.format(queue=settings.QUEUE), json.dumps(report))
 
 
 def read(app: Celery) -> dict[str, int]:

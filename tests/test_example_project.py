@@ -1,7 +1,8 @@
-"""The example project: its demo, run as ``make demo`` runs it, and its ledger's fencing.
+"""The example project: its demo, run as ``make demo`` runs it, and its ledger.
 
-Each demo run starts its own private Redis and two real worker processes, kills one
-of them mid-storm, and must end with no duplicate row and no lost order.
+Each demo run starts its own private Redis and two real worker processes, SIGKILLs
+tens of pool processes mid-task and whole workers, and must end with no duplicate
+row and no lost order on IdempotentTask; plain celery.Task shows its duplicates.
 """
 
 from __future__ import annotations
@@ -9,13 +10,16 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from example_project.ledger import Ledger, StaleWrite
+from example_project.ledger import Ledger, record_charge
+from tests.conftest import schema_url
 
 pytestmark = pytest.mark.chaos
 
@@ -37,14 +41,28 @@ def run_demo(run_dir: Path, *options: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def total_rows(output: str) -> list[dict[str, str]]:
-    """The table's ``total`` row, one dict of column -> cell per group of columns."""
+def table_row(output: str, scenario: str) -> list[dict[str, str]]:
+    """One row of the table, one dict of column -> cell per group of columns."""
     lines = output.splitlines()
     header = next(line for line in lines if line.startswith("scenario"))
-    total = next(line for line in lines if line.startswith("total"))
-    return [
-        dict(zip(names.split(), cells.split())) for names, cells in zip(header.split("|"), total.split("|"))
-    ]
+    row = next(line for line in lines if line.startswith(f"{scenario}  "))
+    cells = [part.split() for part in row[len(scenario) :].split("|")]
+    cells[0].insert(0, scenario)
+    return [dict(zip(names.split(), group)) for names, group in zip(header.split("|"), cells)]
+
+
+def total_rows(output: str) -> list[dict[str, str]]:
+    """The table's ``total`` row, one dict of column -> cell per group of columns."""
+    return table_row(output, "total")
+
+
+def outcome(run_dir: Path, task_base: str) -> dict[str, Any]:
+    result: dict[str, Any] = json.loads((run_dir / f"storm-{task_base}.json").read_text())
+    return result
+
+
+def scenario(result: dict[str, Any], name: str) -> dict[str, Any]:
+    return next(s for s in result["scenarios"] if s["scenario"] == name)
 
 
 def explain(run: subprocess.CompletedProcess[str], run_dir: Path) -> str:
@@ -52,23 +70,42 @@ def explain(run: subprocess.CompletedProcess[str], run_dir: Path) -> str:
     return f"exit {run.returncode}\n{run.stdout}\n{run.stderr[-4000:]}{logs}"
 
 
-def test_demo_storm_with_a_killed_worker_leaves_no_duplicate_row_and_no_lost_order(tmp_path):
+def test_demo_storm_with_kills_mid_task_and_killed_workers_leaves_no_duplicate_row_and_no_lost_order(
+    tmp_path,
+):
     run = run_demo(tmp_path)
     assert run.returncode == 0, explain(run, tmp_path)
     (total,) = total_rows(run.stdout)
     assert (total["duplicates"], total["lost"]) == ("0", "0"), run.stdout
     assert int(total["cached"]) > 0 and int(total["rows"]) == 2 * 40 + 1
-    result = json.loads((tmp_path / "storm-idempotent.json").read_text())
-    assert result["killed"]["pid"], "the storm killed no worker; the scenario proves nothing"
+    result = outcome(tmp_path, "idempotent")
+    mid_task = scenario(result, "killed mid-task")
+    # Every order of the scenario (8 of 40) has its body killed once, and a worker dies whole.
+    assert mid_task["killed_processes"] >= 6 and mid_task["killed_workers"] == 1, run.stdout
+    assert mid_task["taken_over"] > 0, run.stdout
+    assert result["killed"]["worker killed"]["worker"]["pid"], "no worker was killed whole"
 
 
-def test_demo_compare_shows_plain_task_duplicates_next_to_none_for_idempotent_task(tmp_path):
+def test_demo_compare_shows_plain_task_duplicates_after_kills_next_to_none_for_idempotent_task(tmp_path):
     run = run_demo(tmp_path, "--compare")
     assert run.returncode == 0, explain(run, tmp_path)
     _, plain, idempotent = total_rows(run.stdout)
     assert (idempotent["duplicates"], idempotent["lost"]) == ("0", "0"), run.stdout
     # Every duplicate message of the storm runs again on a plain task.
     assert int(plain["duplicates"]) > 0 and plain["lost"] == "0", run.stdout
+    # A kill after the charge committed and before the message was acknowledged
+    # makes a plain task charge again.
+    _, plain_mid_task, idempotent_mid_task = table_row(run.stdout, "killed mid-task")
+    assert int(plain_mid_task["duplicates"]) > 0, run.stdout
+    assert idempotent_mid_task["duplicates"] == "0", run.stdout
+    killed = outcome(tmp_path, "plain")["killed"]["killed mid-task"]
+    after = [order for order, moment in killed["victims"] if moment == "after"]
+    assert after, run.stdout
+    charges = Ledger(f"sqlite:///{tmp_path / 'ledger-plain.sqlite3'}")
+    try:
+        assert all(charges.tally("charges", [order]).rows >= 2 for order in after), run.stdout
+    finally:
+        charges.close()
 
 
 @pytest.mark.rabbitmq
@@ -85,6 +122,7 @@ def test_demo_over_rabbitmq_leaves_no_duplicate_row_and_no_lost_order(tmp_path):
     assert run.returncode == 0, explain(run, tmp_path)
     (total,) = total_rows(run.stdout)
     assert (total["duplicates"], total["lost"]) == ("0", "0"), run.stdout
+    assert scenario(outcome(tmp_path, "idempotent"), "killed mid-task")["killed_processes"] >= 6
 
 
 @pytest.fixture
@@ -95,25 +133,39 @@ def ledger(tmp_path):
     ledger.close()
 
 
-def test_ledger_refuses_a_write_under_a_lower_fence_than_one_recorded(ledger):
-    ledger.record_charge(7, 500, fence=5, task_id="taken-over")
-    with pytest.raises(StaleWrite) as refused:
-        ledger.record_charge(7, 500, fence=3, task_id="stale")
-    assert (refused.value.fence, refused.value.recorded) == (3, 5)
-    assert [row["task_id"] for row in ledger.rows("charges", 7)] == ["taken-over"]
+def test_sqlite_ledger_transaction_holds_the_write_lock_from_its_begin(ledger, tmp_path):
+    # A transaction that read first and then wrote could otherwise fail at once with
+    # "database is locked" when another process wrote meanwhile; taking the lock
+    # when it begins makes it wait (busy timeout) instead.
+    other = sqlite3.connect(tmp_path / "ledger.sqlite3", timeout=0, isolation_level=None)
+    try:
+        with ledger.transaction():
+            with pytest.raises(sqlite3.OperationalError, match="locked"):
+                other.execute("BEGIN IMMEDIATE")
+        other.execute("BEGIN IMMEDIATE")
+        other.execute("COMMIT")
+    finally:
+        other.close()
 
 
-def test_ledger_write_under_a_higher_fence_replaces_the_row_of_a_cut_off_run(ledger):
-    cut_off = ledger.record_charge(8, 500, fence=1, task_id="cut-off")
-    retaken = ledger.record_charge(8, 500, fence=2, task_id="took-over")
-    assert retaken == cut_off
-    (row,) = ledger.rows("charges", 8)
-    assert (row["fence"], row["superseded_fence"], row["task_id"]) == (2, 1, "took-over")
-    assert ledger.record_charge(8, 500, fence=2, task_id="took-over") == cut_off  # the same run again
-
-
-def test_ledger_keeps_every_write_without_a_fence_so_plain_duplicates_show(ledger):
-    ledger.record_charge(9, 500, fence=None, task_id="a")
-    ledger.record_charge(9, 500, fence=None, task_id="a")
+def test_ledger_keeps_every_plain_write_so_duplicates_show(ledger):
+    first = ledger.write(record_charge, 9, 500)
+    second = ledger.write(record_charge, 9, 500)
+    assert second != first
     tally = ledger.tally("charges", [9, 10])
     assert (tally.rows, tally.distinct, tally.duplicates, tally.missing) == (2, 1, 1, (10,))
+    assert [row["id"] for row in ledger.rows("charges", 9)] == [first, second]
+
+
+def test_ledger_on_postgresql_writes_and_counts_through_psycopg(pg_schema):
+    ledger = Ledger(schema_url(pg_schema))
+    try:
+        ledger.create_schema()
+        assert ledger.engine is None
+        first = ledger.write(record_charge, 9, 500)
+        ledger.write(record_charge, 9, 500)
+        assert ledger.tally("charges", [9]).duplicates == 1
+        assert ledger.rows("charges", 9)[0]["id"] == first
+        assert ledger.highest_order_id() == 9
+    finally:
+        ledger.close()

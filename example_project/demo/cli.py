@@ -90,6 +90,8 @@ class Demo:
             "LEDGER_URL": ledger_url,
             "EXAMPLE_TASK_BASE": task_base,
             "EXAMPLE_QUEUE": queue,
+            # charge_order bodies report where they are, for the killer of "killed mid-task".
+            "EXAMPLE_TRACE": "1",
             "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
         }
         command = [
@@ -146,8 +148,15 @@ class Demo:
         if not all(result["total"]["complete"] for result in results.values()):
             print("* the deadline passed before every message of the scenario was handled")
         for task_base, result in results.items():
-            killed = result["killed"]
-            print(f"\n{task_base} run: SIGKILLed {killed['hostname']} (pid {killed['pid']}), restarted it")
+            print(f"\n{task_base} run:")
+            for scenario, killed in result["killed"].items():
+                processes = killed.get("processes")
+                if processes:
+                    moments = ", ".join(f"{n} {moment}" for moment, n in processes.items())
+                    print(f"  {scenario}: SIGKILLed {sum(processes.values())} pool processes ({moments})")
+                worker = killed.get("worker")
+                if worker:
+                    print(f"  {scenario}: SIGKILLed {worker['hostname']} (pid {worker['pid']}), restarted it")
         print(f"\nworker logs and outcomes (JSON) in {self.run_dir}:")
         for path in sorted(self.run_dir.iterdir()):
             print(f"  {path.name}")
@@ -197,8 +206,8 @@ def delete_queues(broker: str, queues: Sequence[str]) -> None:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m example_project.demo",
-        description="Send a storm of duplicate Celery messages to two workers, kill one of them "
-        "mid-run, and count what the tasks wrote to the ledger.",
+        description="Send a storm of duplicate Celery messages to two workers, SIGKILL tens of "
+        "tasks mid-run and whole workers, and count what the tasks wrote to the ledger.",
     )
     parser.add_argument("--orders", type=int, default=500, help="orders in the storm (default 500)")
     parser.add_argument(

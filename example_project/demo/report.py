@@ -10,7 +10,9 @@ TITLES = {"plain": "plain celery.Task", "idempotent": "celery_idem.IdempotentTas
 LEGEND = """\
 orders      orders of the scenario (for "long run": one settlement batch)
 sent        messages the producer published: checkouts (charge_order | send_receipt), settlements
-executed    task bodies that started, including runs cut off by the kill
+kills       processes SIGKILLed: pool processes killed in a charge_order body, "+1w" a whole
+            worker (main process and pool)
+executed    task bodies that started, including runs cut off by the kills
 cached      deliveries answered with the recorded result, the body not run
 taken-over  leases of cut-off runs taken over by a later delivery, under a higher fencing token
 rows        charges and receipts (settlements for "long run") in the ledger
@@ -52,7 +54,7 @@ def _shared_columns(rows: Sequence[dict[str, Any]]) -> list[Column]:
 
 
 def _run_columns(rows: Sequence[dict[str, Any]], task_base: str) -> list[Column]:
-    fields = ["executed", "cached", "taken-over", "rows", "duplicates", "lost", "seconds"]
+    fields = ["kills", "executed", "cached", "taken-over", "rows", "duplicates", "lost", "seconds"]
     if task_base == "plain":
         # Plain tasks keep no results to serve and hold no leases.
         fields.remove("cached")
@@ -62,7 +64,12 @@ def _run_columns(rows: Sequence[dict[str, Any]], task_base: str) -> list[Column]
     for field in fields:
         cells = []
         for row in rows:
-            cell = str(row[keys.get(field, field)])
+            if field == "kills":
+                cell = str(row["killed_processes"])
+                if row["killed_workers"]:
+                    cell += f"+{row['killed_workers']}w"
+            else:
+                cell = str(row[keys.get(field, field)])
             if field == "seconds" and not row["complete"]:
                 cell += "*"
             cells.append(cell)
