@@ -142,10 +142,13 @@ def test_sentinel_client_writes_to_the_new_primary_after_a_failover(
     client = client_for(sentinel_group.url, {"master_name": sentinel_group.master_name})
     try:
         client.set("sentinel:before", b"1")
+        client.script_load(COUNTER)
         old = sentinel_group.primary.port
         new = sentinel_group.failover()
         assert new != old
         client.set("sentinel:after", b"2")  # the same client object
+        with pytest.raises(NoScriptError):  # Redis does not replicate its script cache
+            client.evalsha(COUNTER_SHA, 1, "sentinel:counter")
     finally:
         client.close()
     assert sentinel_group.primary.port == new
@@ -228,13 +231,20 @@ def test_cluster_client_follows_a_failover_of_the_keys_primary(
     cluster: RedisCluster, cluster_client: redis.cluster.RedisCluster
 ) -> None:
     key = "idem:{failover}"
-    assert cluster_client.eval(COUNTER, 1, key) == 1
+    cluster_client.script_load(COUNTER)
+    assert cluster_client.evalsha(COUNTER_SHA, 1, key) == 1
     old = cluster.primary_port(key)
     new = cluster.failover(key)
     assert new != old
     assert cluster.primary_port(key) == new
-    assert cluster_client.eval(COUNTER, 1, key) == 2  # the same client: MOVED, then the new primary
+    # The same client's pipeline follows the MOVED reply to the new primary, which has
+    # the key but not the script: Redis does not replicate its script cache.
+    pipe = cluster_client.pipeline()
+    pipe.execute_command("EVALSHA", COUNTER_SHA, 1, key)
+    (reply,) = pipe.execute(raise_on_error=False)
+    assert isinstance(reply, NoScriptError)
     assert cluster_client.get_node_from_key(key).port == new
+    assert cluster_client.eval(COUNTER, 1, key) == 2
 
 
 # -- failed starts ----------------------------------------------------------------
