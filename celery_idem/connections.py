@@ -347,7 +347,7 @@ def _parse_sentinel(url: str, options: dict[str, Any]) -> Target:
         netloc, path, query = _split(part)
         if query:
             raise ImproperlyConfigured(
-                f"{_URL} {redact(url)!r} has a query ({query!r}); a sentinel:// URL takes none: give "
+                f"{_URL} {redact(url)!r} has a query; a sentinel:// URL takes none: give "
                 f"the primary's connection settings (and TLS, with ssl=True) in {_OPTIONS}, and the "
                 f"sentinels' in its sentinel_kwargs"
             )

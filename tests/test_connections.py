@@ -306,6 +306,8 @@ def test_refusals_never_show_a_password() -> None:
         ("redis://:hunter2@h/x", {}),
         ("redis://:hunter2@h/0", {"password": "hunter3"}),
         ("sentinel://:hunter2@s1;sentinel://s2", {}),
+        ("sentinel://s1?password=hunter2", {"master_name": "m"}),
+        ("redis://h/0?password=hunter2", {}),
     ]:
         with pytest.raises(ImproperlyConfigured) as info:
             parse(url, options)
