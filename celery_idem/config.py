@@ -20,8 +20,9 @@ from urllib.parse import urlsplit
 
 from celery.utils.imports import symbol_by_name
 
+from .connections import SCHEMES, connection_settings, redact
 from .errors import ImproperlyConfigured
-from .keys import KeyStrategy, strategy_for
+from .keys import ArgumentsKey, KeyStrategy, strategy_for
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -35,12 +36,12 @@ __all__ = [
     "IdempotencyConfig",
     "atomic_fetch_transport",
     "check_app_settings",
-    "default_redis_url",
+    "check_connection",
     "resolve",
 ]
 
 #: Every option with its default. ``idempotency_redis_url``'s default is derived
-#: from the app's other settings, see :func:`default_redis_url`.
+#: from the app's other settings, see :func:`celery_idem.connections.connection_settings`.
 DEFAULTS: Mapping[str, Any] = MappingProxyType(
     {
         "idempotency_redis_url": None,
@@ -59,6 +60,9 @@ DEFAULTS: Mapping[str, Any] = MappingProxyType(
         "idempotency_database_options": {},
         "idempotency_database": None,
         "idempotency_transaction": False,
+        "idempotency_validate_payload": None,
+        "idempotency_dedupe_on_submit": False,
+        "idempotency_submit_ttl": 3600,
     }
 )
 
@@ -73,9 +77,6 @@ APP_DEFAULTS: Mapping[str, Any] = MappingProxyType(
 
 CONFLICT_POLICIES = ("retry", "wait", "raise", "drop")
 BACKEND_ERROR_POLICIES = ("retry", "run", "raise")
-
-_REDIS_SCHEMES = ("redis", "rediss", "unix")
-_FALLBACK_URL = "redis://localhost:6379/0"
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,29 @@ class IdempotencyConfig:
     worker_expiry: bool
     database: DatabaseSpec | None = None
     transaction: bool = False
+    #: Check a key's arguments against the record's: True, False, or None (the
+    #: default: for named-argument and function keys, and per-call keys).
+    validate_payload: bool | None = None
+    dedupe_on_submit: bool = False
+    submit_ttl: float = 3600.0
+    #: The signature of the task's ``run``, for the payload digests.
+    signature: Any = None
+
+    @property
+    def submit_ttl_ms(self) -> int:
+        """How long a submit marker lives, in milliseconds."""
+        return int(self.submit_ttl * 1000)
+
+    def validates(self, material: str) -> bool:
+        """Whether calls with this key material have their arguments checked.
+
+        By default for keys on a subset of named arguments, keys from a function and
+        keys given per call; never for ``"args"`` keys (the key is the arguments).
+        """
+        if self.validate_payload is not None:
+            return self.validate_payload
+        computed = material.startswith(("id:", "args:"))  # else a key given per call
+        return self.key.validates_payload or not computed
 
     @property
     def lease_ms(self) -> int:
@@ -142,7 +166,11 @@ def resolve(app: Celery, task_cls: type) -> IdempotencyConfig:
             value = conf.get(name)
         raw[name] = default if value is None else value
 
-    url = raw["idempotency_redis_url"] or default_redis_url(app)
+    # Cheap here (no redis-py): the URL and options are checked against redis-py
+    # when the worker starts (check_connection) and when a store is made.
+    url, options = connection_settings(
+        app, raw["idempotency_redis_url"], _redis_options(raw["idempotency_redis_options"]), check=False
+    )
     database = _database(
         raw["idempotency_database_url"], raw["idempotency_database_options"], raw["idempotency_database"]
     )
@@ -152,11 +180,20 @@ def resolve(app: Celery, task_cls: type) -> IdempotencyConfig:
             "idempotency_transaction=True runs the body in a database transaction, but no database "
             "is configured: set idempotency_database_url (PostgreSQL) or idempotency_database"
         )
+    key = strategy_for(raw["idempotency_key"], _run_signature(task_cls), "idempotency_key")
+    validate = raw["idempotency_validate_payload"]
+    if validate is not None:
+        validate = _flag(validate, "idempotency_validate_payload")
+        if validate and isinstance(key, ArgumentsKey) and key.names is None:
+            raise ImproperlyConfigured(
+                "idempotency_validate_payload=True means nothing with idempotency_key='args': the key "
+                "is made of all the arguments already; leave it unset"
+            )
     return IdempotencyConfig(
         redis_url=_redis_url(url),
-        redis_options=_redis_options(raw["idempotency_redis_options"]),
+        redis_options=MappingProxyType(dict(options)),
         key_prefix=_key_prefix(raw["idempotency_key_prefix"]),
-        key=strategy_for(raw["idempotency_key"], _run_signature(task_cls), "idempotency_key"),
+        key=key,
         result_ttl=_seconds(raw["idempotency_result_ttl"], "idempotency_result_ttl", minimum=0.001),
         lock_ttl=_seconds(raw["idempotency_lock_ttl"], "idempotency_lock_ttl", minimum=0.1),
         on_conflict=_choice(raw["idempotency_on_conflict"], "idempotency_on_conflict", CONFLICT_POLICIES),
@@ -169,6 +206,10 @@ def resolve(app: Celery, task_cls: type) -> IdempotencyConfig:
         worker_expiry=_flag(raw["idempotency_worker_expiry"], "idempotency_worker_expiry"),
         database=database,
         transaction=transaction,
+        validate_payload=validate,
+        dedupe_on_submit=_flag(raw["idempotency_dedupe_on_submit"], "idempotency_dedupe_on_submit"),
+        submit_ttl=_seconds(raw["idempotency_submit_ttl"], "idempotency_submit_ttl", minimum=0.001),
+        signature=_run_signature(task_cls),
     )
 
 
@@ -212,22 +253,6 @@ def atomic_fetch_transport(app: Celery) -> str | None:
     return "celery_idem.broker:Transport"
 
 
-def default_redis_url(app: Celery) -> str:
-    """``result_backend`` if it is a Redis URL, else ``broker_url`` if it is, else localhost."""
-    conf = app.conf
-    for candidate in (conf.get("result_backend"), conf.get("broker_url")):
-        if isinstance(candidate, (list, tuple)):
-            candidate = candidate[0] if candidate else None
-        if not isinstance(candidate, str):
-            continue
-        candidate = candidate.split(";")[0].strip()
-        if candidate.startswith("redis+socket://"):
-            candidate = "unix://" + candidate[len("redis+socket://") :]
-        if urlsplit(candidate).scheme in _REDIS_SCHEMES:
-            return candidate
-    return _FALLBACK_URL
-
-
 def _check_names(names: Iterable[str], where: str, known: Mapping[str, Any]) -> None:
     for name in names:
         if name.startswith("idempotency_") and name not in known:
@@ -261,11 +286,13 @@ def _run_signature(cls: type) -> inspect.Signature:
 
 
 def _redis_url(value: Any) -> str:
-    if not isinstance(value, str) or urlsplit(value).scheme not in _REDIS_SCHEMES:
+    scheme = value.partition("://")[0].lower() if isinstance(value, str) else None
+    if scheme not in SCHEMES:
         raise ImproperlyConfigured(
-            f"idempotency_redis_url must be a redis://, rediss:// or unix:// URL; got {value!r}"
+            f"idempotency_redis_url must be a {', '.join(s + '://' for s in SCHEMES)} URL; "
+            f"got {redact(value) if isinstance(value, str) else repr(value)}"
         )
-    return value
+    return str(value)
 
 
 def _redis_options(value: Any) -> Mapping[str, Any]:
@@ -314,15 +341,15 @@ def _database(url: Any, options: Any, database: Any) -> DatabaseSpec | None:
     if url is not None and database is not None:
         raise ImproperlyConfigured(
             "set either idempotency_database_url or idempotency_database, not both "
-            f"(got {_redact(str(url))!r} and {database!r})"
+            f"(got {redact(str(url))!r} and {database!r})"
         )
     if url is not None:
         if not isinstance(url, str) or urlsplit(url).scheme not in _POSTGRES_SCHEMES:
             raise ImproperlyConfigured(
                 "idempotency_database_url must be a postgresql:// URL (psycopg 3, extra "
-                f"celery-idem[postgres]); got {_redact(str(url))!r}"
+                f"celery-idem[postgres]); got {redact(str(url))!r}"
             )
-        return DatabaseSpec("postgres", _redact(url), url, MappingProxyType(dict(options)))
+        return DatabaseSpec("postgres", redact(url), url, MappingProxyType(dict(options)))
     if database is None:
         if options:
             raise ImproperlyConfigured(
@@ -349,22 +376,13 @@ def _database(url: Any, options: Any, database: Any) -> DatabaseSpec | None:
                 "on which celery_idem opens a transaction per call and hands fn its Connection; "
                 f"got a {type(database).__name__}"
             )
-        return DatabaseSpec("sqlalchemy", _redact(str(database.url)), database)
+        return DatabaseSpec("sqlalchemy", redact(str(database.url)), database)
     if all(hasattr(database, name) for name in ("atomic", "unavailable", "conflict", "where")):
         return DatabaseSpec("custom", str(database.where), database)
     raise ImproperlyConfigured(
         "idempotency_database must be a SQLAlchemy Engine, 'django' or 'django:<alias>', or an "
         f"object implementing celery_idem.effects.Database; got {database!r}"
     )
-
-
-def _redact(url: str) -> str:
-    scheme, sep, rest = url.partition("://")
-    credentials, at, host = rest.rpartition("@")
-    if not at:
-        return url
-    user = credentials.split(":", 1)[0]
-    return f"{scheme}{sep}{user}:***@{host}" if user else f"{scheme}{sep}***@{host}"
 
 
 def _flag(value: Any, option: str) -> bool:
@@ -399,3 +417,10 @@ def _exception_classes(value: Any) -> tuple[type[BaseException], ...]:
             )
         classes.append(cls)
     return tuple(classes)
+
+
+def check_connection(config: IdempotencyConfig) -> None:
+    """Check the records' URL and options against redis-py (loads it), without connecting."""
+    from .connections import parse
+
+    parse(config.redis_url, config.redis_options)

@@ -28,6 +28,7 @@ an unreachable Redis fails a delivery instead of hanging a worker slot.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import ssl
 from collections.abc import Iterable, Mapping
@@ -36,19 +37,19 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Callable, Literal, Union
 from urllib.parse import parse_qsl, unquote
 
-import redis
-import redis.cluster
-import redis.sentinel
-
 from .errors import ImproperlyConfigured
 
 if TYPE_CHECKING:
+    import redis
+    import redis.cluster
     from celery import Celery
+
+    #: A client :func:`client_for` returns.
+    Client = Union[redis.Redis, redis.cluster.RedisCluster]
 
 __all__ = [
     "CLIENT_DEFAULTS",
     "SCHEMES",
-    "Client",
     "Target",
     "client_for",
     "connection_settings",
@@ -56,8 +57,6 @@ __all__ = [
     "redact",
 ]
 
-#: A client :func:`client_for` returns.
-Client = Union[redis.Redis, redis.cluster.RedisCluster]
 
 #: Every URL scheme :func:`parse` accepts.
 SCHEMES = ("redis", "rediss", "unix", "redis+socket", "sentinel", "redis+cluster", "rediss+cluster")
@@ -100,7 +99,6 @@ _FROM_URL = {
     "path": "the socket path goes in a unix:// URL",
     "unix_socket_path": "the socket path goes in a unix:// URL",
     "db": "the database number goes in the URL's path (or ?db= for a socket)",
-    "connection_class": "the URL's scheme chooses the connection class",
     "connection_pool": "celery_idem builds the pool from the URL",
     "connection_pool_class": "celery_idem builds the pool from the URL",
     "startup_nodes": "the startup nodes go in the redis+cluster:// URL",
@@ -180,6 +178,10 @@ def client_for(url: Any, options: Any = None) -> Client:
     failover its next connection goes to the new primary. Raises
     :class:`~celery_idem.errors.ImproperlyConfigured` as :func:`parse` does.
     """
+    import redis
+    import redis.cluster
+    import redis.sentinel
+
     target = parse(url, options)
     kwargs = dict(target.client_options)
     if target.topology == "cluster":
@@ -198,12 +200,15 @@ def client_for(url: Any, options: Any = None) -> Client:
     # A pool built like Redis.from_url builds it, so the connections' retry policy is
     # the one redis-py gives URL clients, whatever its version gives Redis(host=...).
     if target.topology == "unix":
+        connection_class = kwargs.pop("connection_class", redis.UnixDomainSocketConnection)
         pool = redis.ConnectionPool(
-            connection_class=redis.UnixDomainSocketConnection, path=target.path, db=target.db, **kwargs
+            connection_class=connection_class, path=target.path, db=target.db, **kwargs
         )
     else:
         host, port = target.nodes[0]
-        connection_class = redis.SSLConnection if target.tls else redis.Connection
+        connection_class = kwargs.pop(
+            "connection_class", redis.SSLConnection if target.tls else redis.Connection
+        )
         pool = redis.ConnectionPool(
             connection_class=connection_class, host=host, port=port, db=target.db, **kwargs
         )
@@ -218,7 +223,7 @@ def redact(url: Any) -> str:
 
 
 def connection_settings(
-    app: Celery, url: str | None = None, options: Mapping[str, Any] | None = None
+    app: Celery, url: str | None = None, options: Mapping[str, Any] | None = None, check: bool = True
 ) -> tuple[str, dict[str, Any]]:
     """The URL and options of the records' Redis for ``app``, as ``(url, options)``.
 
@@ -240,12 +245,14 @@ def connection_settings(
 
     In 2 and 3, ``options`` are laid over the settings found, and a setting also in
     the URL's query is left to the URL, as Celery leaves it. The result is checked
-    with :func:`parse`; a backend or broker that cannot be used raises
+    with :func:`parse` (unless ``check`` is False: checking loads redis-py); a
+    backend or broker that cannot be used raises
     :class:`~celery_idem.errors.ImproperlyConfigured` saying so.
     """
     explicit = _options_dict(options)
     if url:
-        parse(url, explicit)
+        if check:
+            parse(url, explicit)
         return url, explicit
     conf = app.conf
     sources = (
@@ -264,7 +271,8 @@ def connection_settings(
         )
         merged = {**derived, **explicit}
         try:
-            parse(found, merged)
+            if check:
+                parse(found, merged)
         except ImproperlyConfigured as exc:
             raise ImproperlyConfigured(
                 f"{_URL} is not set, so the records would go to the Redis of {url_setting} "
@@ -289,6 +297,9 @@ def _options_dict(options: Any) -> dict[str, Any]:
 
 
 def _parse_server(url: str, scheme: str, topology: Topology, tls: bool, options: dict[str, Any]) -> Target:
+    import redis
+
+    options = dict(options)
     netloc, path, query = _split(url)
     username, password, hosts = _credentials(netloc, url)
     settings = _query(query, url, tls=tls)
@@ -317,9 +328,20 @@ def _parse_server(url: str, scheme: str, topology: Topology, tls: bool, options:
         socket_path = None
         connection_class = redis.SSLConnection if tls else redis.Connection
     allowed = _init_parameters(connection_class, redis.ConnectionPool)
+    # A connection class of one's own (one that counts round trips, say) must be the
+    # scheme's own class or a subclass of it.
+    custom = options.pop("connection_class", None)
+    if custom is not None and not (isinstance(custom, type) and issubclass(custom, connection_class)):
+        raise ImproperlyConfigured(
+            f"{_OPTIONS} sets connection_class={custom!r}, which is not a subclass of "
+            f"{connection_class.__module__}.{connection_class.__qualname__}, the class {_URL}'s "
+            f"{scheme}:// scheme needs"
+        )
     client_options = _client_options(
         options, settings, username, password, url, allowed, topology=topology, tls=tls
     )
+    if custom is not None:
+        client_options["connection_class"] = custom
     return Target(
         topology=topology,
         url=redact(url),
@@ -332,6 +354,9 @@ def _parse_server(url: str, scheme: str, topology: Topology, tls: bool, options:
 
 
 def _parse_sentinel(url: str, options: dict[str, Any]) -> Target:
+    import redis
+    import redis.sentinel
+
     nodes = []
     username = password = None
     db = None
@@ -408,6 +433,9 @@ def _parse_sentinel(url: str, options: dict[str, Any]) -> Target:
 
 
 def _parse_cluster(url: str, scheme: str, tls: bool, options: dict[str, Any]) -> Target:
+    import redis
+    import redis.cluster
+
     netloc, path, query = _split(url)
     username, password, hosts = _credentials(netloc, url)
     if not hosts:
@@ -461,6 +489,8 @@ def _client_options(
     tls: bool,
 ) -> dict[str, Any]:
     """The defaults, then the options, then what the URL says; a setting given twice must agree."""
+    import redis
+
     options = dict(options)
     if "ssl" in options and bool(options.pop("ssl")) != tls:
         if not tls:
@@ -475,7 +505,7 @@ def _client_options(
             raise ImproperlyConfigured(f"{_OPTIONS} sets {name!r}: {_FROM_URL[name]} ({_URL})")
         if name.startswith("ssl_") and not tls:
             raise ImproperlyConfigured(_no_tls_message(name, topology, url))
-        if topology == "unix" and name in _TCP_ONLY:
+        if topology == "unix" and name in _tcp_only():
             raise ImproperlyConfigured(
                 f"{_OPTIONS} sets {name!r}, which applies to TCP connections only; {_URL} is a "
                 f"unix socket: drop it"
@@ -513,6 +543,8 @@ def _client_options(
 
 
 def _sentinel_options(sentinel_kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    import redis
+
     allowed = _init_parameters(redis.Redis, redis.SSLConnection, redis.ConnectionPool) - set(_FROM_URL)
     for name in sentinel_kwargs:
         if name not in allowed:
@@ -697,8 +729,12 @@ def _init_parameters(*classes: type) -> frozenset[str]:
     return frozenset(names)
 
 
-#: Connection arguments a TCP connection takes and a unix socket's does not.
-_TCP_ONLY = _init_parameters(redis.Connection) - _init_parameters(redis.UnixDomainSocketConnection)
+@functools.cache
+def _tcp_only() -> frozenset[str]:
+    """Connection arguments a TCP connection takes and a unix socket's does not."""
+    import redis
+
+    return _init_parameters(redis.Connection) - _init_parameters(redis.UnixDomainSocketConnection)
 
 
 def _close_match(name: str, known: Iterable[str]) -> str:

@@ -1,12 +1,18 @@
 """The state machine of one delivery of an idempotent task, in :func:`deliver`.
 
 1. compute the key (message header, else the task's key strategy); no key, no run;
-2. one ``EVALSHA`` against the record: ACQUIRED, FINISHED or BUSY;
+2. one ``EVALSHA`` against the record: ACQUIRED, FINISHED, BUSY or MISMATCH;
 3. FINISHED: return the recorded result (or raise the recorded failure) as this
    delivery's own outcome, without running the body;
 4. BUSY: apply ``idempotency_on_conflict`` (re-queue, wait, raise or drop);
-5. ACQUIRED: run the body while the lease is renewed, then commit the result under
+5. MISMATCH: the key's record is for other arguments: fail, touching nothing;
+6. ACQUIRED: run the body while the lease is renewed, then commit the result under
    this run's fencing token, or release the key so a retry can run.
+
+Every decision is logged once, on Celery's task logger (``celery_idem.delivery``), as
+``celery-idem decision=... key=... task=... id=... token=... fence=...``
+(``key=value`` pairs a log pipeline can split): INFO for the normal paths, WARNING
+for takeovers, lost leases and backend errors.
 
 This module is loaded by the first delivery a process runs, with redis-py: a
 process that only sends tasks never imports it.
@@ -22,7 +28,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from celery import states
 from celery.exceptions import Ignore, Reject, Retry, TaskPredicate
-from celery.utils.log import get_logger
+from celery.utils.log import get_task_logger
 from kombu.serialization import prepare_accept_content
 
 from . import signals
@@ -32,25 +38,39 @@ from .effects import Run
 from .errors import (
     BackendUnavailable,
     DuplicateTaskInProgress,
+    IdempotencyPayloadMismatch,
     LeaseLost,
     ResultNotSerializable,
     ResultTooLarge,
     describe_error,
 )
-from .keys import KEY_HEADER, record_key, user_key
+from .keys import KEY_HEADER, PAYLOAD_HEADER, differing_arguments, payload_digests, record_key, user_key
 from .lease import Lease, renewer
-from .store import BACKEND_ERRORS, Acquired, Busy, Finished, Outcome, RecordStore, store_for
+from .store import BACKEND_ERRORS, Acquired, Busy, Finished, Mismatch, Outcome, RecordStore, store_for
 from .task import RUN_ATTRIBUTE
 
 if TYPE_CHECKING:
     from .task import IdempotentTask
 
-__all__ = ["REQUEUES_HEADER", "RUN_FIELD", "deliver", "key_material", "release"]
+__all__ = [
+    "BACKEND_ERRORS_HEADER",
+    "REQUEUES_HEADER",
+    "RUN_FIELD",
+    "deliver",
+    "key_material",
+    "log_decision",
+    "payload_of",
+    "release",
+]
 
-logger = get_logger(__name__)
+#: Celery's task logger: lines carry the task's name and id in the worker's task log format.
+logger = get_task_logger(__name__)
 
 #: Message header counting how often a delivery re-queued itself (for back-off).
 REQUEUES_HEADER = "idempotency_requeues"
+#: Message header counting the backend errors a delivery met since it last got
+#: through to Redis (the acquire that gets through counts them).
+BACKEND_ERRORS_HEADER = "idempotency_backend_errors"
 
 #: Field of the request (stamped by :class:`celery_idem.request.IdempotentRequest`)
 #: holding the id of this delivery's run.
@@ -64,28 +84,56 @@ _CONFLICT_CAP = 1.0
 _BACKEND_RETRY_CAP = 30.0
 
 
+def log_decision(level: int, decision: str, key: str, task: str, task_id: str | None, **fields: Any) -> None:
+    """One line per decision: ``celery-idem decision=... key=... task=... id=... (more key=value)``."""
+    if not logger.isEnabledFor(level):
+        return
+    extra = "".join(f" {name}={value}" for name, value in fields.items() if value is not None)
+    logger.log(level, "celery-idem decision=%s key=%s task=%s id=%s%s", decision, key, task, task_id, extra)
+
+
 def deliver(task: IdempotentTask, request: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """Run one delivery of ``task``: at most one body per key, every duplicate gets its outcome."""
     config = task.resolved_idempotency
     material = key_material(config, request.headers, request.id, args, kwargs)
     key = record_key(config.key_prefix, task.name, material)
+    payload = payload_of(config, material, request.headers, args, kwargs)
     store = store_for(config.redis_url, config.redis_options)
     # The id of this run: stamped by the worker's main process (IdempotentRequest), so
     # that it can free the key if it sees this process die; made here otherwise.
     run_id = getattr(request, RUN_FIELD, None) or uuid.uuid4().hex
+    errors = int((request.headers or {}).get(BACKEND_ERRORS_HEADER, 0))
+    policy = "wait" if config.on_conflict == "retry" and request.is_eager else config.on_conflict
     wait_until = None
     poll = 0.05
     while True:
         try:
-            claim = store.acquire(key, request.id, config.lease_ms, config.result_ttl_ms, run_id)
+            claim = store.acquire(
+                key,
+                request.id,
+                config.lease_ms,
+                config.result_ttl_ms,
+                run_id,
+                task.name,
+                policy,
+                payload,
+                errors,
+            )
         except BACKEND_ERRORS as exc:
-            return _on_backend_error(task, config, store, request, material, args, kwargs, exc)
+            return _on_backend_error(task, config, store, request, material, key, args, kwargs, exc)
+        errors = 0
 
         if isinstance(claim, Acquired):
             return _run_holding(task, config, store, key, claim, request, args, kwargs)
 
         if isinstance(claim, Finished):
             return _replay(task, key, claim)
+
+        if isinstance(claim, Mismatch):
+            assert payload
+            differ = differing_arguments(claim.payload, payload)
+            log_decision(40, "payload_mismatch", key, task.name, request.id, arguments=",".join(differ))
+            raise IdempotencyPayloadMismatch(key, differ)
 
         assert isinstance(claim, Busy)
         busy = DuplicateTaskInProgress(key, claim.holder, claim.lease_left)
@@ -94,12 +142,21 @@ def deliver(task: IdempotentTask, request: Any, args: tuple[Any, ...], kwargs: d
         # finishes: raising or dropping it would record a failure under the
         # running task's id, or lose the work if the holder then died.
         same_message = claim.holder == request.id and not request.is_eager
-        policy = "retry" if same_message else config.on_conflict
-        signals.task_conflict.send(sender=task, request=request, key=key, holder=claim.holder, policy=policy)
+        applied = "retry" if same_message else policy
+        signals.task_conflict.send(sender=task, request=request, key=key, holder=claim.holder, policy=applied)
+        log_decision(
+            20,
+            f"conflict_{applied}",
+            key,
+            task.name,
+            request.id,
+            holder=claim.holder,
+            token=claim.token,
+            lease_left=f"{claim.lease_left:.2f}",
+        )
         if same_message:
             _requeue(task, request, material, _conflict_delay(task, config, request, claim), busy, quiet=True)
-        if policy == "wait" or (policy == "retry" and request.is_eager):
-            # In eager mode there is no broker to re-queue to, so "retry" waits.
+        if applied == "wait":
             now = time.monotonic()
             wait_until = wait_until or now + config.wait_timeout
             if now >= wait_until:
@@ -107,13 +164,12 @@ def deliver(task: IdempotentTask, request: Any, args: tuple[Any, ...], kwargs: d
             time.sleep(min(poll, claim.lease_left + 0.01, wait_until - now))
             poll = min(poll * 2, 1.0)
             continue
-        if policy == "retry":
+        if applied == "retry":
             _requeue(
                 task, request, material, _conflict_delay(task, config, request, claim), busy, quiet=False
             )
-        if policy == "raise":
+        if applied == "raise":
             raise busy
-        logger.info("celery-idem: dropping %s[%s]: %s", task.name, request.id, busy)
         if not request.ignore_result:
             task.update_state(
                 task_id=request.id, state=states.IGNORED, meta={"duplicate_of": claim.holder, "key": key}
@@ -131,6 +187,18 @@ def key_material(
     return config.key.material(task_id, args, kwargs)
 
 
+def payload_of(
+    config: IdempotencyConfig, material: str, headers: Mapping[str, Any] | None, args: Any, kwargs: Any
+) -> str:
+    """The argument digests a delivery checks its record against, or ``""`` when it checks none."""
+    if not config.validates(material):
+        return ""
+    header = (headers or {}).get(PAYLOAD_HEADER)
+    if isinstance(header, str) and header:
+        return header
+    return payload_digests(config.signature, args, kwargs)
+
+
 def _run_holding(
     task: IdempotentTask,
     config: IdempotencyConfig,
@@ -143,14 +211,17 @@ def _run_holding(
 ) -> Any:
     if claim.taken_over:
         signals.lease_taken_over.send(sender=task, request=request, key=key, token=claim.token)
-        logger.warning(
-            "celery-idem: %s[%s] took over %s from a run that stopped renewing its lease (token %d)",
-            task.name,
-            request.id,
-            key,
-            claim.token,
-        )
-    lease = Lease(store, key, claim.token, config.lease_ms, config.result_ttl_ms)
+    log_decision(
+        30 if claim.taken_over else 20,
+        "takeover" if claim.taken_over else "acquired",
+        key,
+        task.name,
+        request.id,
+        token=claim.token,
+        fence=claim.fence,
+        steps=len(claim.steps) or None,
+    )
+    lease = Lease(store, key, claim.token, config.lease_ms, config.result_ttl_ms, task.name)
     run = Run(task, config, lease, claim.fence, claim.first, claim.steps)
     setattr(request, RUN_ATTRIBUTE, run)
     renewer().hold(lease)
@@ -163,13 +234,13 @@ def _run_holding(
             else:
                 result = task.run(*args, **kwargs)
         except TaskPredicate:
-            release(lease)
+            release(run)
             raise
         except BackendUnavailable as exc:
             # Redis or the database went away mid-body (a step or a transaction
             # could not be made or stored): free the key, then the backend-error
             # policy; what the body stored stays for the next attempt to replay.
-            release(lease)
+            release(run)
             if config.on_backend_error != "retry" or request.is_eager:
                 raise
             material = key_material(config, request.headers, request.id, args, kwargs)
@@ -177,10 +248,10 @@ def _run_holding(
                 task, request, material, _backoff(task, request, cap=_BACKEND_RETRY_CAP), exc, quiet=False
             )
         except config.cache_errors as exc:
-            _commit(task, config, lease, True, encode_failure(exc, task.backend, task.serializer))
+            _commit(task, run, True, encode_failure(exc, task.backend, task.serializer))
             raise
         except BaseException:
-            release(lease)
+            release(run)
             raise
         if outcome is None:
             try:
@@ -190,58 +261,85 @@ def _run_holding(
                 outcome = encode_result(value, task.serializer, task.name, config.max_result_bytes)
             except (ResultNotSerializable, ResultTooLarge) as exc:
                 # The body ran: record the failure so duplicates do not run it again.
-                _commit(task, config, lease, True, encode_failure(exc, task.backend, task.serializer))
+                _commit(task, run, True, encode_failure(exc, task.backend, task.serializer))
                 raise
-        _commit(task, config, lease, False, outcome)
+        _commit(task, run, False, outcome)
         return result
     finally:
         renewer().drop(lease)
 
 
-def _commit(
-    task: IdempotentTask, config: IdempotencyConfig, lease: Lease, failed: bool, outcome: Outcome
-) -> None:
+def _commit(task: IdempotentTask, run: Run, failed: bool, outcome: Outcome) -> None:
+    lease = run.lease
     renewer().drop(lease)
     # A short Redis outage (a restart, a failover) must not turn a finished run
     # into a re-run: keep trying for as long as the lease would last.
-    give_up = time.monotonic() + config.lock_ttl
+    give_up = time.monotonic() + lease.lease_ms / 1000
     delay = 0.05
+    errors = 0
     while True:
         try:
-            lease.store.commit(lease.key, lease.token, failed, outcome, lease.keep_ms)
+            lease.store.commit(
+                lease.key, lease.token, failed, outcome, lease.keep_ms, lease.task, (*run.counts(), errors)
+            )
         except LeaseLost:
             lease.settled = True
             signals.lease_lost.send(sender=task, request=task.request, key=lease.key, token=lease.token)
-            logger.error("celery-idem: %s[%s] lost its lease on %s", task.name, task.request.id, lease.key)
+            log_decision(
+                30, "lease_lost", lease.key, task.name, task.request.id, token=lease.token, fence=run.fence
+            )
             raise
         except BACKEND_ERRORS as exc:
+            errors += 1
             if time.monotonic() + delay > give_up:
                 raise BackendUnavailable(lease.store.url, describe_error(exc)) from exc
-            logger.warning(
-                "celery-idem: commit of %s failed (%s); trying again", lease.key, describe_error(exc)
-            )
+            log_decision(30, "commit_retry", lease.key, task.name, task.request.id, error=type(exc).__name__)
             time.sleep(delay)
             delay = min(delay * 2, 1.0)
         else:
             lease.settled = True
+            log_decision(
+                20,
+                "failure_recorded" if failed else "committed",
+                lease.key,
+                task.name,
+                task.request.id,
+                token=lease.token,
+                fence=run.fence,
+            )
             return
 
 
-def release(lease: Lease) -> None:
-    """Free the key held under ``lease`` without an outcome, unless the run already settled it."""
+def release(run: Run) -> None:
+    """Free the key held by ``run`` without an outcome, unless the run already settled it."""
+    lease = run.lease
     renewer().drop(lease)
     if lease.settled:
         return
     lease.settled = True
+    request_id = getattr(run.task.request, "id", None)
     try:
-        lease.store.release(lease.key, lease.token, lease.keep_ms)
+        freed = lease.store.release(lease.key, lease.token, lease.keep_ms, lease.task, run.counts())
     except BACKEND_ERRORS as exc:
-        logger.warning(
-            "celery-idem: could not release %s (%s); it frees itself when the lease ends in %.1fs",
+        log_decision(
+            30,
+            "release_failed",
             lease.key,
-            describe_error(exc),
-            lease.lease_ms / 1000,
+            lease.task,
+            request_id,
+            token=lease.token,
+            error=type(exc).__name__,
+            frees_in=f"{lease.lease_ms / 1000:.1f}s",
         )
+        return
+    log_decision(
+        20 if freed else 30,
+        "released" if freed else "lease_lost",
+        lease.key,
+        lease.task,
+        request_id,
+        token=lease.token,
+    )
 
 
 def _replay(task: IdempotentTask, key: str, finished: Finished) -> Any:
@@ -249,12 +347,13 @@ def _replay(task: IdempotentTask, key: str, finished: Finished) -> Any:
     signals.task_replayed.send(
         sender=task, request=task.request, key=key, token=finished.token, failed=finished.failed
     )
-    logger.info(
-        "celery-idem: %s[%s] already ran (token %d); returning its recorded %s",
+    log_decision(
+        20,
+        "replayed_failure" if finished.failed else "replayed",
+        key,
         task.name,
         task.request.id,
-        finished.token,
-        "failure" if finished.failed else "result",
+        token=finished.token,
     )
     if finished.failed:
         raise decode_failure(finished.outcome, accept, task.backend, key)
@@ -267,13 +366,22 @@ def _on_backend_error(
     store: RecordStore,
     request: Any,
     material: str,
+    key: str,
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     exc: Exception,
 ) -> Any:
     error = BackendUnavailable(store.url, describe_error(exc))
+    decision = {"run": "backend_error_run_unprotected", "raise": "backend_error_raise"}
+    log_decision(
+        30,
+        decision.get(config.on_backend_error, "backend_error_retry"),
+        key,
+        task.name,
+        request.id,
+        error=type(exc).__name__,
+    )
     if config.on_backend_error == "run":
-        logger.warning("celery-idem: %s; running %s[%s] unprotected", error, task.name, request.id)
         return task.run(*args, **kwargs)
     if config.on_backend_error == "raise" or request.is_eager:
         raise error from exc
@@ -308,6 +416,10 @@ def _requeue(
     headers = dict(request.headers or {})
     headers[KEY_HEADER] = material
     headers[REQUEUES_HEADER] = int(headers.get(REQUEUES_HEADER, 0)) + 1
+    # The backend errors met so far, for the counters: counted by the acquire that
+    # gets through, so a re-queue that followed one starts again from zero.
+    unreachable = isinstance(reason, BackendUnavailable)
+    headers[BACKEND_ERRORS_HEADER] = int(headers.get(BACKEND_ERRORS_HEADER, 0)) + 1 if unreachable else 0
     signature = task.signature_from_request(
         request, request.args, request.kwargs, countdown=delay, retries=request.retries, headers=headers
     )
@@ -317,6 +429,5 @@ def _requeue(
         # Put the delivery back rather than lose it.
         raise Reject(exc, requeue=True) from exc
     if quiet:
-        logger.info("celery-idem: %s[%s] re-queued in %.2fs: %s", task.name, request.id, delay, reason)
         raise Ignore()
     raise Retry(f"re-queued in {delay:.2f}s: {reason}", exc=reason, when=delay)

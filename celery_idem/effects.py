@@ -302,8 +302,19 @@ class Run:
         self.first = first
         self._steps = dict(steps)
         self._names: set[str] = set()
+        #: Steps replayed, transactions run and transactions replayed, for the counters.
+        self._counts = [0, 0, 0]
         #: The connection of the transaction the whole body runs in (``idempotency_transaction``).
         self.connection: Any = None
+
+    @property
+    def task(self) -> IdempotentTask:
+        """The task this run is of."""
+        return self._task
+
+    def counts(self) -> tuple[int, int, int]:
+        """Steps replayed, transactions run, transactions replayed: counted when the run ends."""
+        return (self._counts[0], self._counts[1], self._counts[2])
 
     @property
     def key(self) -> str:
@@ -340,6 +351,7 @@ class Run:
         stored = self._steps.get(step)
         if stored is not None:
             stored_digest, failed, outcome = _unpack(stored)
+            self._counts[0] += 1
             return self._replay(step, digest, outcome, failed, stored_digest)  # type: ignore[no-any-return]
         if self.lost:
             raise LeaseLost(self.key, self.token, "taken over", 0)
@@ -357,7 +369,7 @@ class Run:
         delay = 0.05
         while True:
             try:
-                store.store_step(self.key, self.token, step, blob)
+                store.store_step(self.key, self.token, step, blob, self.lease.task)
             except BACKEND_ERRORS as exc:
                 # The step ran: keep trying to store it for as long as the lease lasts.
                 if time.monotonic() + delay > give_up:
@@ -395,6 +407,7 @@ class Run:
                         rows = tx.query(_LOOKUP, (self.key, step, self.fence))
                         if rows:
                             replayed: T = self._from_row(step, digest, rows)
+                            self._counts[2] += 1
                             return replayed
                     value = (
                         fn(*args, **kwargs)
@@ -410,9 +423,11 @@ class Run:
                 if not rows:
                     raise
                 winner: T = self._from_row(step, digest, rows)
+                self._counts[2] += 1
                 return winner
         except database.unavailable as exc:
             raise DatabaseUnavailable(database.where, describe_error(exc)) from exc
+        self._counts[1] += 1
         _maybe_purge(database)
         return value
 

@@ -17,6 +17,7 @@ __all__ = [
     "FenceRefused",
     "IdempotencyError",
     "IdempotencyKeyError",
+    "IdempotencyPayloadMismatch",
     "ImproperlyConfigured",
     "LeaseLost",
     "RecordNotReadable",
@@ -46,6 +47,28 @@ class IdempotencyKeyError(IdempotencyError):
     without a key would run it unprotected. The message names the argument or the
     key function at fault.
     """
+
+
+class IdempotencyPayloadMismatch(IdempotencyError):
+    """The key of this call was used by a call with other arguments.
+
+    Raised instead of returning another call's result (or running under its key):
+    two different calls share a key, which is a bug of the caller (a key from too
+    few arguments, or a per-call key reused). Names the arguments that differ, never
+    their values. See ``idempotency_validate_payload``.
+    """
+
+    def __init__(self, key: str, arguments: list[str]) -> None:
+        super().__init__(key, arguments)
+        self.key = key
+        #: The names of the arguments whose values differ.
+        self.arguments = arguments
+
+    def __str__(self) -> str:
+        return (
+            f"{self.key} was used by a call with other arguments ({', '.join(self.arguments)} differ); "
+            "two calls share this key: key on more arguments, or give each call its own key"
+        )
 
 
 class DuplicateTaskInProgress(IdempotencyError):

@@ -19,7 +19,7 @@ from typing import Any
 from celery import signals
 from celery.utils.log import get_logger
 
-from .config import atomic_fetch_transport, check_app_settings, resolve
+from .config import atomic_fetch_transport, check_app_settings, check_connection, resolve
 from .errors import ImproperlyConfigured, describe_error
 from .eventloop import ReadyAwarePoll
 from .task import WITHOUT_BROKER_TTL, IdempotentTask
@@ -51,7 +51,8 @@ def validate_on_worker_start(sender: Any = None, **kwargs: Any) -> None:
         check_app_settings(app)
         for task in app.tasks.values():
             if isinstance(task, IdempotentTask):
-                type(task)._resolved_idempotency = resolve(app, type(task))
+                config = type(task)._resolved_idempotency = resolve(app, type(task))
+                check_connection(config)
         transport = atomic_fetch_transport(app)
     except ImproperlyConfigured as exc:
         raise SystemExit(f"celery-idem: {exc}") from exc

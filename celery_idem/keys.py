@@ -44,13 +44,20 @@ from .errors import IdempotencyKeyError, ImproperlyConfigured
 
 __all__ = [
     "KEY_HEADER",
+    "PAYLOAD_HEADER",
+    "SHARDS",
     "ArgumentsKey",
     "CallableKey",
     "KeyStrategy",
     "TaskIdKey",
     "canonical_json",
+    "differing_arguments",
     "encode_value",
+    "payload_digests",
     "record_key",
+    "shard_of",
+    "shard_stats_keys",
+    "stats_key",
     "steps_key",
     "strategy_for",
     "user_key",
@@ -58,6 +65,8 @@ __all__ = [
 
 #: Message header carrying the key material of a call.
 KEY_HEADER = "idempotency_key"
+#: Message header with the digests of the call's arguments (``idempotency_validate_payload``).
+PAYLOAD_HEADER = "idempotency_payload"
 
 
 def canonical_json(value: Any) -> bytes:
@@ -142,19 +151,80 @@ def _decimal_text(value: decimal.Decimal) -> str:
     return f"{'-' if sign else ''}{''.join(map(str, kept))}E{exponent}"
 
 
+#: How many shards the records are spread over. Each shard is one Redis Cluster
+#: hash tag (``{s00}`` to ``{s63}``), shared by its records, their steps and the
+#: shard's counters, so every script touches one slot and the counters of a whole
+#: keyspace are the sum of 64 hashes.
+SHARDS = 64
+
+
+def payload_digests(signature: inspect.Signature, args: Sequence[Any], kwargs: Mapping[str, Any]) -> str:
+    """The digests of a call's arguments, by name, as canonical JSON (``idempotency_validate_payload``).
+
+    Arguments are bound to the task's signature with defaults applied, as for
+    argument keys; each value is encoded canonically and hashed (16 hex digits of
+    SHA-256), so the record tells which arguments differ without holding their values.
+    An argument without a canonical encoding gets a null digest and is not compared.
+    """
+    try:
+        bound = signature.bind(*args, **kwargs)
+    except TypeError as exc:
+        raise IdempotencyKeyError(
+            f"the arguments do not match the task's signature {signature}: {exc}"
+        ) from exc
+    bound.apply_defaults()
+    digests: dict[str, str | None] = {}
+    for name, value in bound.arguments.items():
+        try:
+            digests[name] = _digest(encode_value(value, name))[:16]
+        except IdempotencyKeyError:
+            digests[name] = None  # no canonical encoding: left out of the check
+    return canonical_json(digests).decode()
+
+
+def differing_arguments(stored: str, given: str) -> list[str]:
+    """The names of the arguments whose digests differ between two :func:`payload_digests`.
+
+    An argument without a canonical encoding (its digest is null) is not compared.
+    """
+    old, new = json.loads(stored), json.loads(given)
+    return sorted(
+        name
+        for name in set(old) | set(new)
+        if old.get(name, "") is not None and new.get(name, "") is not None and old.get(name) != new.get(name)
+    )
+
+
 def record_key(prefix: str, task_name: str, material: str) -> str:
     """Return the Redis key of the record for ``material`` of ``task_name``.
 
-    The digest is a Redis Cluster hash tag, so every key a record uses lives in one
-    slot, and any material (a user's own string included) becomes a key of fixed
-    length that cannot reach outside ``prefix``.
+    ``<prefix>:{sNN}<sha256>``: the digest of the task name and the material, so
+    any material (a user's own string included) becomes a key of fixed length that
+    cannot reach outside ``prefix``, behind the hash tag of its shard.
     """
-    return f"{prefix}:{{{_digest({'key': material, 'task': task_name})}}}"
+    digest = _digest({"key": material, "task": task_name})
+    return f"{prefix}:{{{shard_of(digest)}}}{digest}"
+
+
+def shard_of(digest: str) -> str:
+    """The shard (hash tag) of a record digest: ``s00`` to ``s63``."""
+    return f"s{int(digest[:4], 16) % SHARDS:02d}"
 
 
 def steps_key(record: str) -> str:
     """Return the Redis key of the steps stored for ``record`` (same hash slot)."""
     return f"{record}:steps"
+
+
+def stats_key(record: str) -> str:
+    """Return the key of the counters of ``record``'s shard (same hash slot)."""
+    prefix, _, rest = record.rpartition(":{")
+    return f"{prefix}:{{{rest.split('}', 1)[0]}}}:stats"
+
+
+def shard_stats_keys(prefix: str) -> list[str]:
+    """The counter keys of every shard of ``prefix``."""
+    return [f"{prefix}:{{s{n:02d}}}:stats" for n in range(SHARDS)]
 
 
 def user_key(value: Any, source: str) -> str:
@@ -171,6 +241,9 @@ class KeyStrategy(Protocol):
 
     #: True when the material needs the task id, which a producer may not know yet.
     needs_task_id: bool
+    #: True when two calls with one key may differ in their arguments, so that
+    #: ``idempotency_validate_payload`` checks them by default.
+    validates_payload: bool
 
     def material(self, task_id: str | None, args: Sequence[Any], kwargs: Mapping[str, Any]) -> str:
         """Return the key material of one call."""
@@ -180,6 +253,7 @@ class TaskIdKey:
     """Every message id is its own key: protects against redelivery and republishing."""
 
     needs_task_id = True
+    validates_payload = False
 
     def material(self, task_id: str | None, args: Sequence[Any], kwargs: Mapping[str, Any]) -> str:
         """Return ``id:<task id>``."""
@@ -199,6 +273,8 @@ class ArgumentsKey:
     def __init__(self, signature: inspect.Signature, names: tuple[str, ...] | None) -> None:
         self.signature = signature
         self.names = names
+        #: A key on some of the arguments leaves the others free to differ.
+        self.validates_payload = names is not None
 
     def material(self, task_id: str | None, args: Sequence[Any], kwargs: Mapping[str, Any]) -> str:
         """Return ``args:<sha256 of the canonical arguments>``."""
@@ -237,6 +313,7 @@ class CallableKey:
     """The user's function returns the key of each call."""
 
     needs_task_id = False
+    validates_payload = True
 
     def __init__(self, function: Callable[..., str]) -> None:
         self.function = function

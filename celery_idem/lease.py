@@ -30,10 +30,14 @@ logger = get_logger(__name__)
 class Lease:
     """The lease of one run: its record key and fencing token."""
 
-    __slots__ = ("keep_ms", "key", "lease_ms", "lost", "settled", "store", "token")
+    __slots__ = ("keep_ms", "key", "lease_ms", "lost", "settled", "store", "task", "token")
 
-    def __init__(self, store: RecordStore, key: str, token: int, lease_ms: int, keep_ms: int) -> None:
+    def __init__(
+        self, store: RecordStore, key: str, token: int, lease_ms: int, keep_ms: int, task: str = ""
+    ) -> None:
         self.store = store
+        #: The task's name, under which the scripts count.
+        self.task = task
         #: The Redis key of the record.
         self.key = key
         #: The fencing token of this run: higher than any earlier run of this key.
@@ -113,7 +117,7 @@ class Renewer:
         for store, group in by_store.items():
             try:
                 held = store.renew(
-                    [(lease.key, lease.token, lease.lease_ms, lease.keep_ms) for lease in group]
+                    [(lease.key, lease.token, lease.lease_ms, lease.keep_ms, lease.task) for lease in group]
                 )
             except RedisError as exc:
                 # Not only outages: an error reply for one key must not stop the

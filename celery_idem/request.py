@@ -95,7 +95,7 @@ class IdempotentRequest(Request):  # type: ignore[misc]
         key = record_key(config.key_prefix, task.name, material)
         try:
             freed = store_for(config.redis_url, config.redis_options).release_run(
-                key, self.id, self._celery_idem_run, config.result_ttl_ms
+                key, self.id, self._celery_idem_run, config.result_ttl_ms, task.name
             )
         except BACKEND_ERRORS as exc:
             logger.warning(

@@ -1,10 +1,20 @@
-"""The Redis record of each idempotency key: acquire, renew, commit, release, read.
+"""The Redis record of each idempotency key: acquire, renew, commit, release, steps, submit, read.
 
 Every verb is one ``EVALSHA`` of a script in ``lua/`` (renewal of many leases is one
-pipelined round trip), and the scripts alone decide state: Python passes arguments
-and turns the reply into :class:`Acquired`, :class:`Finished` or :class:`Busy`.
-Every mutation is owner-checked by fencing token, so a run that lost its lease can
-neither renew, commit nor release someone else's.
+pipelined round trip), and the scripts alone decide state and count what they
+decided: Python passes arguments and turns the reply into :class:`Acquired`,
+:class:`Finished`, :class:`Busy` or :class:`Mismatch`. Every mutation is
+owner-checked by fencing token, so a run that lost its lease can neither renew,
+commit nor release someone else's.
+
+Every script is safe to run twice (a call sent again after its reply was lost
+changes and counts nothing more), and a call is sent at most twice: redis-py's own
+retries, which would send a script that ran but timed out up to ten more times, are
+not used for scripts.
+
+The store works on one server, a Sentinel primary or a Redis Cluster: each script
+touches the keys of one shard (one hash tag, see :mod:`celery_idem.keys`), and on a
+cluster it is sent to the node that owns that slot.
 """
 
 from __future__ import annotations
@@ -19,19 +29,24 @@ from importlib import resources
 from typing import Any, Union
 
 import redis
+import redis.cluster
 from redis.exceptions import NoScriptError
 
 from .errors import LeaseLost
-from .keys import steps_key
+from .keys import shard_stats_keys, stats_key, steps_key
 
 __all__ = [
     "BACKEND_ERRORS",
+    "COUNTERS",
     "Acquired",
     "Busy",
     "Finished",
+    "Mismatch",
     "Outcome",
     "Record",
     "RecordStore",
+    "Send",
+    "Sent",
     "reset_stores",
     "store_for",
 ]
@@ -46,9 +61,27 @@ BACKEND_ERRORS: tuple[type[Exception], ...] = (
     redis.exceptions.TryAgainError,
 )
 
-#: Client settings used unless ``idempotency_redis_options`` says otherwise: fail
-#: fast when Redis is away rather than hang a worker slot.
-_CLIENT_DEFAULTS: Mapping[str, Any] = {"socket_connect_timeout": 5, "socket_timeout": 10}
+#: Every counter the scripts keep, per task name, and what it counts.
+COUNTERS: Mapping[str, str] = {
+    "executed": "acquisitions that ran the body (takeovers included)",
+    "succeeded": "results recorded",
+    "failures_recorded": "failures recorded (cached errors, results that could not be recorded)",
+    "replayed": "deliveries that returned a recorded outcome without running",
+    "conflicts_retry": "deliveries that found the key held and re-queued themselves",
+    "conflicts_wait": "deliveries that found the key held and waited (wait policy, eager mode)",
+    "conflicts_raise": "deliveries that found the key held and failed (raise policy)",
+    "conflicts_drop": "deliveries that found the key held and were dropped (drop policy)",
+    "takeovers": "acquisitions of a key whose holder stopped renewing its lease",
+    "leases_lost": "runs that found their lease taken over (renewal, step, commit or release refused)",
+    "released": "runs that freed their key without an outcome (the body raised)",
+    "freed_after_crash": "keys freed by a worker's main process after the run's process died",
+    "backend_errors": "calls that could not reach Redis, counted when the delivery next got through",
+    "steps_run": "steps that ran and stored their value",
+    "steps_replayed": "steps returned from their stored value",
+    "transactions_run": "transactions of finished runs that ran",
+    "transactions_replayed": "transactions returned from their stored row",
+    "deduplicated_on_submit": "calls not sent because a record of their key existed",
+}
 
 
 class _Script:
@@ -65,6 +98,7 @@ _RENEW = _Script("renew")
 _COMMIT = _Script("commit")
 _RELEASE = _Script("release")
 _STEP = _Script("step")
+_SUBMIT = _Script("submit")
 
 
 @dataclass(frozen=True)
@@ -76,7 +110,7 @@ class Acquired:
     taken_over: bool
     #: A value higher than every earlier run of the key had, across records too.
     fence: int = 0
-    #: True when no record existed: no earlier run of the key stored anything.
+    #: True when no run of the key came before: no step can be stored yet.
     first: bool = True
     #: The steps earlier runs stored (name -> encoded value).
     steps: Mapping[str, bytes] = field(default_factory=dict)
@@ -109,7 +143,29 @@ class Busy:
     token: int
 
 
-AcquireResult = Union[Acquired, Finished, Busy]
+@dataclass(frozen=True)
+class Mismatch:
+    """The record of the key was made by a call with other arguments (their digests)."""
+
+    payload: str
+
+
+AcquireResult = Union[Acquired, Finished, Busy, Mismatch]
+
+
+@dataclass(frozen=True)
+class Send:
+    """Submit: no record of the key exists; a marker now names this call, send it."""
+
+
+@dataclass(frozen=True)
+class Sent:
+    """Submit: a record of the key exists, for the task id ``holder``: do not send."""
+
+    holder: str
+
+
+SubmitResult = Union[Send, Sent, Mismatch]
 
 
 @dataclass(frozen=True)
@@ -121,29 +177,55 @@ class Record:
     holder: str | None
     outcome: Outcome | None
     fence: int = 0
+    #: Milliseconds of server time the lease ends at, for a running record.
+    expires: int | None = None
 
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-class RecordStore:
-    """The records kept in one Redis database."""
+def _counts(values: Sequence[int], size: int) -> list[int]:
+    return [*values, *([0] * (size - len(values)))][:size]
 
-    def __init__(self, client: redis.Redis, url: str) -> None:
+
+class RecordStore:
+    """The records kept in one Redis database (a server, a Sentinel primary or a cluster)."""
+
+    def __init__(self, client: Any, url: str) -> None:
         self.client = client
         #: The URL with any password removed, for messages.
         self.url = url
-        #: Connections not in use, kept out of redis-py's pool (see :meth:`_run`).
-        self._idle: list[Any] = []
+        self._cluster = isinstance(client, redis.cluster.RedisCluster)
+        #: Connections not in use, per node, kept out of redis-py's pool (see :meth:`_run`).
+        self._idle: dict[str, list[Any]] = {}
         self._pid = os.getpid()
 
-    def acquire(self, key: str, holder: str, lease_ms: int, keep_ms: int, run: str = "") -> AcquireResult:
+    # -- the verbs -------------------------------------------------------------------
+
+    def acquire(
+        self,
+        key: str,
+        holder: str,
+        lease_ms: int,
+        keep_ms: int,
+        run: str = "",
+        task: str = "",
+        policy: str = "retry",
+        payload: str = "",
+        errors: int = 0,
+    ) -> AcquireResult:
         """Take the lease on ``key`` for task ``holder``, or report who has it or what it returned.
 
-        ``run`` identifies this delivery's run, for :meth:`release_run`.
+        ``run`` identifies this delivery's run (for :meth:`release_run`, and so that
+        this very call sent again is known as such); ``task`` names the counters,
+        ``policy`` the conflict policy counted if the key is held; ``payload`` is
+        checked against the record's (``idempotency_validate_payload``); ``errors``
+        counts the backend errors the delivery met before.
         """
-        reply = self._run(_ACQUIRE, key, holder, lease_ms, keep_ms, run)
+        reply = self._run(
+            _ACQUIRE, self._keys(key), holder, lease_ms, keep_ms, run, task, policy, payload, errors
+        )
         kind = reply[0]
         if kind == 0:
             flat = reply[5]
@@ -160,13 +242,15 @@ class RecordStore:
                 failed=_text(reply[2]) == "failed",
                 outcome=Outcome(reply[3], _text(reply[4]), _text(reply[5])),
             )
+        if kind == 3:
+            return Mismatch(_text(reply[1]))
         return Busy(holder=_text(reply[1]), lease_left=int(reply[2]) / 1000, token=int(reply[3]))
 
-    def renew(self, leases: Sequence[tuple[str, int, int, int]]) -> list[bool]:
-        """Renew many leases in one round trip.
+    def renew(self, leases: Sequence[tuple[Any, ...]]) -> list[bool]:
+        """Renew many leases in one round trip (one per node on a cluster).
 
-        ``leases`` holds ``(key, token, lease_ms, keep_ms)`` tuples; the answer says,
-        for each, whether the caller still held it.
+        ``leases`` holds ``(key, token, lease_ms, keep_ms[, task])`` tuples; the
+        answer says, for each, whether the caller still held it.
         """
         if not leases:
             return []
@@ -175,8 +259,13 @@ class RecordStore:
         for _ in range(2):
             pipe = self.client.pipeline(transaction=False)
             for i in pending:
-                key, token, lease_ms, keep_ms = leases[i]
-                pipe.evalsha(_RENEW.sha, 2, key, steps_key(key), token, lease_ms, keep_ms)
+                key, token, lease_ms, keep_ms, *named = leases[i]
+                task = named[0] if named else ""
+                # execute_command, not evalsha: a cluster pipeline refuses EVALSHA by
+                # name, and routes this by the slot of its first key.
+                pipe.execute_command(
+                    "EVALSHA", _RENEW.sha, 3, *self._keys(key), token, lease_ms, keep_ms, task
+                )
             replies = pipe.execute(raise_on_error=False)
             missing = []
             for i, reply in zip(pending, replies):
@@ -188,111 +277,191 @@ class RecordStore:
                     renewed[i] = bool(reply)
             if not missing:
                 break
-            self.client.script_load(_RENEW.source)
+            self.client.script_load(_RENEW.source)  # on a cluster: on every primary
             pending = missing
         return [bool(r) for r in renewed]
 
-    def commit(self, key: str, token: int, failed: bool, outcome: Outcome, keep_ms: int) -> None:
+    def commit(
+        self,
+        key: str,
+        token: int,
+        failed: bool,
+        outcome: Outcome,
+        keep_ms: int,
+        task: str = "",
+        counts: Sequence[int] = (),
+    ) -> None:
         """Record the outcome of the run holding ``token``.
 
-        Raises :class:`~celery_idem.errors.LeaseLost` when another run holds or
-        finished the key: the record is left as that run made it.
+        ``counts`` are the run's steps replayed, transactions run, transactions
+        replayed and earlier commit attempts that met a backend error, counted with
+        the outcome. Raises :class:`~celery_idem.errors.LeaseLost` when another run
+        holds or finished the key: the record is left as that run made it.
         """
         state = "failed" if failed else "done"
         reply = self._run(
-            _COMMIT, key, token, state, outcome.data, outcome.content_type, outcome.content_encoding, keep_ms
+            _COMMIT,
+            self._keys(key),
+            token,
+            state,
+            outcome.data,
+            outcome.content_type,
+            outcome.content_encoding,
+            keep_ms,
+            task,
+            *_counts(counts, 4),
         )
         if reply[0] != 1:
             raise LeaseLost(key, token, _text(reply[1]), int(reply[2]))
 
-    def store_step(self, key: str, token: int, name: str, value: bytes) -> None:
+    def store_step(self, key: str, token: int, name: str, value: bytes, task: str = "") -> None:
         """Store the value of step ``name`` of the run holding ``token``.
 
         Raises :class:`~celery_idem.errors.LeaseLost` when another run holds or
         finished the key: nothing is stored.
         """
-        reply = self._run(_STEP, key, token, name, value)
+        reply = self._run(_STEP, self._keys(key), token, name, value, task)
         if reply != 1:
             raise LeaseLost(key, token, _text(reply[1]), int(reply[2]))
 
-    def release(self, key: str, token: int, keep_ms: int) -> bool:
-        """Free the lease held under ``token`` without an outcome; False if not held."""
-        return bool(self._run(_RELEASE, key, "token", token, keep_ms, ""))
+    def release(self, key: str, token: int, keep_ms: int, task: str = "", counts: Sequence[int] = ()) -> bool:
+        """Free the lease held under ``token`` without an outcome; False if not held.
 
-    def release_holder(self, key: str, holder: str, keep_ms: int) -> bool:
+        ``counts``: the run's steps replayed, transactions run and transactions replayed.
+        """
+        return bool(
+            self._run(_RELEASE, self._keys(key), "token", token, keep_ms, "", task, *_counts(counts, 3))
+        )
+
+    def release_holder(self, key: str, holder: str, keep_ms: int, task: str = "") -> bool:
         """Free the lease if task ``holder`` holds it; False if it does not."""
-        return bool(self._run(_RELEASE, key, "holder", holder, keep_ms, ""))
+        return bool(self._run(_RELEASE, self._keys(key), "holder", holder, keep_ms, "", task, 0, 0, 0))
 
-    def release_run(self, key: str, holder: str, run: str, keep_ms: int) -> bool:
+    def release_run(self, key: str, holder: str, run: str, keep_ms: int, task: str = "") -> bool:
         """Free the lease if run ``run`` of task ``holder`` holds it; False if it does not.
 
         For the worker's main process, which saw the run die: a later run of the same
         task id (the redelivery of its message) has another run id and keeps its lease.
         """
-        return bool(self._run(_RELEASE, key, "run", holder, keep_ms, run))
+        return bool(self._run(_RELEASE, self._keys(key), "run", holder, keep_ms, run, task, 0, 0, 0))
+
+    def withdraw(self, key: str, task_id: str, keep_ms: int) -> bool:
+        """Remove the ``queued`` marker of ``task_id`` (its message could not be sent)."""
+        return bool(self._run(_RELEASE, self._keys(key), "marker", task_id, keep_ms, "", "", 0, 0, 0))
+
+    def submit(self, key: str, task_id: str, payload: str, ttl_ms: int, task: str = "") -> SubmitResult:
+        """Decide whether a call about to be sent under ``task_id`` should be (submit-side dedup).
+
+        :class:`Send` (a ``queued`` marker naming ``task_id`` now stands for the key,
+        for ``ttl_ms``), :class:`Sent` (a record of the key exists, for the task id it
+        names), or :class:`Mismatch` (the record is for other arguments).
+        """
+        reply = self._run(_SUBMIT, [key, stats_key(key)], task_id, payload, ttl_ms, task)
+        if reply[0] == 0:
+            return Send()
+        if reply[0] == 1:
+            return Sent(_text(reply[1]))
+        return Mismatch(_text(reply[1]))
 
     def read(self, key: str) -> Record | None:
         """Return what the record of ``key`` holds, or None if there is none."""
-        raw: dict[bytes, bytes] = self.client.hgetall(key)  # type: ignore[assignment]
+        raw: dict[bytes, bytes] = self.client.hgetall(key)
         fields = {_text(k): v for k, v in raw.items()}
-        if not fields:
+        if "state" not in fields:
             return None
         outcome = None
         if "result" in fields:
             outcome = Outcome(fields["result"], _text(fields["ctype"]), _text(fields["cenc"]))
         holder = fields.get("holder")
+        expires = fields.get("expires")
         return Record(
             state=_text(fields["state"]),
             token=int(fields.get("token", 0)),
             holder=_text(holder) if holder is not None else None,
             outcome=outcome,
             fence=int(fields.get("fence", 0)),
+            expires=int(expires) if expires is not None else None,
         )
 
-    def _run(self, script: _Script, key: str, *args: Any) -> Any:
+    def stats(self, prefix: str) -> dict[str, dict[str, int]]:
+        """Every counter of the records under ``prefix``, summed over the shards, per task name."""
+        pipe = self.client.pipeline(transaction=False)
+        for key in shard_stats_keys(prefix):
+            pipe.hgetall(key)
+        totals: dict[str, dict[str, int]] = {}
+        for shard in pipe.execute():
+            for name, value in shard.items():
+                task, _, counter = _text(name).rpartition("\x1f")
+                per_task = totals.setdefault(task, {})
+                per_task[counter] = per_task.get(counter, 0) + int(value)
+        return totals
+
+    # -- sending scripts -------------------------------------------------------------
+
+    @staticmethod
+    def _keys(key: str) -> list[str]:
+        return [key, steps_key(key), stats_key(key)]
+
+    def _node(self, key: str) -> tuple[str, Any]:
+        """The name of the node serving ``key`` and a way to make connections to it."""
+        if not self._cluster:
+            return "", self.client.connection_pool
+        node = self.client.get_node_from_key(key)
+        return node.name, self.client.get_redis_connection(node).connection_pool
+
+    def _run(self, script: _Script, keys: Sequence[str], *args: Any) -> Any:
         """Run ``script`` on a connection of this store, loading it if Redis lacks it.
 
         The store keeps its idle connections itself rather than take one from
         redis-py's pool and give it back for every script: that round of the pool,
         and redis-py's per-command bookkeeping, cost about a quarter of each call's
-        time. A call cut off by anything but an error reply closes its
-        connection, so a reply is never read by the wrong call. A call that fails
-        with a connection error is sent once more, on a new connection: a connection
-        the server closed while it sat idle (a restart) fails on its first use, and
-        every script is safe to run twice (a repeated acquire finds its own lease
-        and reports it busy, a repeated commit is accepted, a repeated release is a
-        no-op).
+        time. A call cut off by anything but an error reply closes its connection,
+        so a reply is never read by the wrong call. A call that fails with a
+        connection error or a timeout is sent once more, on a new connection (a
+        connection the server closed while it sat idle fails on its first use); it
+        may have run, which every script allows. redis-py's retry policy is not
+        used. On a cluster, a script sent to a node that no longer owns the slot
+        (after a failover or a resharding) makes the store read the slot map again
+        and send it to the new owner.
         """
-        steps = steps_key(key)
         if self._pid != os.getpid():  # a forked child: the parent's sockets are not ours
-            self._idle, self._pid = [], os.getpid()
+            self._idle, self._pid = {}, os.getpid()
         try:
-            connection = self._idle.pop()
+            return self._send(script, keys, args)
+        except (redis.exceptions.MovedError, redis.exceptions.AskError):
+            # The slot moved: read the slot map again, and go to its new owner
+            # (redis-py's cluster client follows an ASK redirect itself).
+            self.client.nodes_manager.initialize()
+            if isinstance(self.client, redis.cluster.RedisCluster):
+                return self._cluster_command(script, keys, args)
+            raise
+
+    def _send(self, script: _Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        node, pool = self._node(keys[0])
+        idle = self._idle.setdefault(node, [])
+        try:
+            connection = idle.pop()
         except IndexError:
-            connection = self.client.connection_pool.make_connection()
+            connection = pool.make_connection()
 
         def call() -> Any:
-            connection.send_command("EVALSHA", script.sha, 2, key, steps, *args)
+            connection.send_command("EVALSHA", script.sha, len(keys), *keys, *args)
             try:
                 return connection.read_response()
             except NoScriptError:
+                # A server restarted without its scripts, or a replica promoted in a
+                # failover (Redis does not replicate SCRIPT LOAD): load and send again.
                 connection.send_command("SCRIPT", "LOAD", script.source)
                 connection.read_response()
-                connection.send_command("EVALSHA", script.sha, 2, key, steps, *args)
+                connection.send_command("EVALSHA", script.sha, len(keys), *keys, *args)
                 return connection.read_response()
-
-        def attempt() -> Any:
-            retry = getattr(connection, "retry", None)  # the client's retry policy, if it has one
-            if retry is None:
-                return call()
-            return retry.call_with_retry(call, lambda error: connection.disconnect())
 
         try:
             try:
-                return attempt()
-            except redis.exceptions.ConnectionError:
+                return call()
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
                 connection.disconnect()
-                return attempt()
+                return call()
         except redis.exceptions.ResponseError:
             raise  # an error reply, read whole: the connection is in step
         except BaseException:
@@ -302,7 +471,14 @@ class RecordStore:
             connection.disconnect()
             raise
         finally:
-            self._idle.append(connection)
+            idle.append(connection)
+
+    def _cluster_command(self, script: _Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        try:
+            return self.client.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            self.client.script_load(script.source)
+            return self.client.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
 
 
 _stores: dict[tuple[str, str], RecordStore] = {}
@@ -310,15 +486,21 @@ _stores_lock = threading.Lock()
 
 
 def store_for(url: str, options: Mapping[str, Any]) -> RecordStore:
-    """Return this process's store for ``url``; one client (and pool) per URL and options."""
+    """Return this process's store for ``url``; one client (and pool) per URL and options.
+
+    Any URL :mod:`celery_idem.connections` accepts: a server, a Sentinel primary or a
+    Redis Cluster. Raises :class:`~celery_idem.errors.ImproperlyConfigured` for a URL
+    or options it refuses.
+    """
     cache_key = (url, json.dumps(dict(options), sort_keys=True, default=repr))
     store = _stores.get(cache_key)
     if store is None:
+        from .connections import client_for, redact
+
         with _stores_lock:
             store = _stores.get(cache_key)
             if store is None:
-                client = redis.Redis.from_url(url, **{**_CLIENT_DEFAULTS, **options})
-                store = _stores[cache_key] = RecordStore(client, _redact(url))
+                store = _stores[cache_key] = RecordStore(client_for(url, options), redact(url))
     return store
 
 
@@ -326,12 +508,3 @@ def reset_stores() -> None:
     """Forget every client: a forked child must not share its parent's sockets."""
     with _stores_lock:
         _stores.clear()
-
-
-def _redact(url: str) -> str:
-    scheme, sep, rest = url.partition("://")
-    credentials, at, host = rest.rpartition("@")
-    if not at:
-        return url
-    user = credentials.split(":", 1)[0]
-    return f"{scheme}{sep}{user}:***@{host}" if user else f"{scheme}{sep}***@{host}"

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from celery import Task
 
 from .config import IdempotencyConfig, resolve
-from .keys import KEY_HEADER, record_key, user_key
+from .keys import KEY_HEADER, PAYLOAD_HEADER, payload_digests, record_key, user_key
 
 if TYPE_CHECKING:
     from .effects import Run
@@ -143,7 +143,13 @@ class IdempotentTask(Task):  # type: ignore[misc]
 
         ``idempotency_key="..."`` sets this call's key. Otherwise the key is computed
         here when it does not depend on the task id, so a bad argument fails in the
-        caller, not in the worker; a header already present (a retry) is kept.
+        caller, not in the worker; a header already present (a retry) is kept. The
+        digests of the arguments go in the ``idempotency_payload`` header when they
+        are checked (``idempotency_validate_payload``).
+
+        With ``idempotency_dedupe_on_submit``, a call whose key already has a record
+        (queued, running or finished) is not sent: the ``AsyncResult`` of the task id
+        the record names is returned (see :mod:`celery_idem.submit`).
 
         With ``expires`` and ``idempotency_worker_expiry`` (the default), the message
         carries its expiry for the worker only, without the broker's per-message TTL
@@ -151,14 +157,45 @@ class IdempotentTask(Task):  # type: ignore[misc]
         unseen, so nobody records it and ``result.get()`` waits forever, whereas a
         worker that receives an expired message records it as REVOKED.
         """
+        config = self.resolved_idempotency
         override = options.pop("idempotency_key", None)
         headers = dict(options.get("headers") or {})
+        material = headers.get(KEY_HEADER)
         if override is not None:
-            headers[KEY_HEADER] = user_key(override, "the idempotency_key passed to apply_async")
+            material = headers[KEY_HEADER] = user_key(override, "the idempotency_key passed to apply_async")
+        elif material is None and not config.key.needs_task_id:
+            material = headers[KEY_HEADER] = config.key.material(task_id, args or (), kwargs or {})
+        elif material is None and task_id is not None:
+            material = config.key.material(task_id, args or (), kwargs or {})
+        if material is not None and PAYLOAD_HEADER not in headers and config.validates(material):
+            headers[PAYLOAD_HEADER] = payload_digests(config.signature, args or (), kwargs or {})
+        if headers:
             options["headers"] = headers
-        elif KEY_HEADER not in headers and not self.resolved_idempotency.key.needs_task_id:
-            headers[KEY_HEADER] = self.resolved_idempotency.key.material(task_id, args or (), kwargs or {})
-            options["headers"] = headers
+        if config.dedupe_on_submit and material is not None and self._dedupes(task_id, options):
+            from .submit import submit
+
+            return submit(self, material, args, kwargs, task_id, producer, link, link_error, shadow, options)
+        return self.publish(args, kwargs, task_id, producer, link, link_error, shadow, **options)
+
+    def _dedupes(self, task_id: str | None, options: dict[str, Any]) -> bool:
+        # Not a retry or re-queue of the running task (its own record holds the key),
+        # nor a member of a group or chord (Celery waits for its own task id).
+        request = self.request
+        own = not request.called_directly and task_id is not None and request.id == task_id
+        return not own and not options.get("group_id") and not options.get("chord")
+
+    def publish(
+        self,
+        args: Any = None,
+        kwargs: Any = None,
+        task_id: str | None = None,
+        producer: Any = None,
+        link: Any = None,
+        link_error: Any = None,
+        shadow: str | None = None,
+        **options: Any,
+    ) -> Any:
+        """Send the message as :meth:`celery.Task.apply_async` does, headers already made."""
         if options.get("expires") is None or not self.resolved_idempotency.worker_expiry:
             return super().apply_async(args, kwargs, task_id, producer, link, link_error, shadow, **options)
         token = WITHOUT_BROKER_TTL.set(True)
@@ -200,5 +237,5 @@ class IdempotentTask(Task):  # type: ignore[misc]
         if run is not None and (limit is None or self.request.retries < limit):
             from .delivery import release
 
-            release(run.lease)
+            release(run)
         return super().retry(args, kwargs, exc, throw, eta, countdown, max_retries, **options)

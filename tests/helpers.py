@@ -210,6 +210,9 @@ class Proxy:
         self._threading = threading
         self._lock = threading.Lock()
         self._pairs: list[tuple[Any, Any]] = []
+        self._muted: set[Any] = set()
+        #: How many chunks of replies :meth:`lose_replies` made the proxy drop.
+        self.dropped = 0
         self._listener: Any = None
         self.restore()
 
@@ -221,6 +224,15 @@ class Proxy:
         listener.listen(64)
         self._listener = listener
         self._threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def lose_replies(self) -> None:
+        """From now on, drop what the server sends on the connections open now (lost replies).
+
+        The requests still reach the server, which runs them; their callers time out.
+        Connections opened later are forwarded as usual.
+        """
+        with self._lock:
+            self._muted.update(upstream for _, upstream in self._pairs)
 
     def cut(self) -> None:
         """Close every connection through the proxy and refuse new ones."""
@@ -265,6 +277,9 @@ class Proxy:
                 data = source.recv(65536)
                 if not data:
                     break
+                if source in self._muted:
+                    self.dropped += 1
+                    continue  # a reply lost on its way
                 sink.sendall(data)
         except OSError:
             pass

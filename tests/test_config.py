@@ -97,6 +97,9 @@ OPTIONS: dict[str, tuple[str, Any, Any, Any, Any]] = {
     "idempotency_cache_errors": ("cache_errors", (KeyError,), (ValueError,), (), tuple),
     "idempotency_max_result_bytes": ("max_result_bytes", 100, 200, 1048576, int),
     "idempotency_worker_expiry": ("worker_expiry", False, False, True, bool),
+    "idempotency_dedupe_on_submit": ("dedupe_on_submit", True, True, False, bool),
+    "idempotency_submit_ttl": ("submit_ttl", 5, 7, 3600, float),
+    "idempotency_validate_payload": ("validate_payload", False, False, None, lambda v: v),
     "idempotency_database_url": (
         "database",
         "postgresql://task@db/shop",
@@ -122,7 +125,7 @@ def actual(config: IdempotencyConfig, option: str) -> Any:
 
 def test_resolution_table_covers_every_option() -> None:
     assert set(OPTIONS) | JOINT == set(DEFAULTS)
-    assert {field for field, *_ in OPTIONS.values()} | {"transaction"} == {
+    assert {field for field, *_ in OPTIONS.values()} | {"transaction", "signature"} == {
         f.name for f in dataclasses.fields(IdempotencyConfig)
     }
 
@@ -189,11 +192,14 @@ def test_falsy_values_override_like_any_other_value() -> None:
             {"result_backend": "rediss://backend:6380/0"}, "rediss://backend:6380/0", id="rediss-backend"
         ),
         pytest.param(
-            {"result_backend": "unix:///run/redis.sock"}, "unix:///run/redis.sock", id="unix-backend"
+            # Not a scheme of Celery's result backends: nothing to reuse.
+            {"result_backend": "unix:///run/redis.sock"},
+            "redis://localhost:6379/0",
+            id="unix-backend",
         ),
         pytest.param(
             {"result_backend": "redis+socket:///run/redis.sock"},
-            "unix:///run/redis.sock",
+            "redis+socket:///run/redis.sock",
             id="redis+socket-backend",
         ),
         pytest.param(
@@ -208,7 +214,7 @@ def test_falsy_values_override_like_any_other_value() -> None:
         ),
         pytest.param(
             {"broker_url": "redis+socket:///run/broker.sock"},
-            "unix:///run/broker.sock",
+            "redis+socket:///run/broker.sock",
             id="redis+socket-broker",
         ),
         pytest.param(
@@ -512,7 +518,9 @@ def test_misspelled_namespaced_setting_is_rejected() -> None:
 
 def test_namespaced_app_ignores_settings_outside_its_namespace() -> None:
     # Django settings hold every setting of the project; only CELERY_* ones are Celery's.
-    assert resolved(namespaced_app(DjangoSettingsOfAnotherLibrary)).lock_ttl == DEFAULTS["idempotency_lock_ttl"]
+    assert (
+        resolved(namespaced_app(DjangoSettingsOfAnotherLibrary)).lock_ttl == DEFAULTS["idempotency_lock_ttl"]
+    )
 
 
 # -- the resolved object ---------------------------------------------------------------

@@ -221,7 +221,12 @@ REFUSALS: list[tuple[Any, Any, list[str]]] = [
     ),
     ("redis://h/0", {"host": "other"}, ["idempotency_redis_options sets 'host'", "in the URL"]),
     ("redis://h/0", {"db": 2}, ["idempotency_redis_options sets 'db'", "URL's path"]),
-    ("redis://h/0", {"connection_class": redis.Connection}, ["'connection_class'", "scheme chooses"]),
+    (
+        "rediss://h/0",
+        {"connection_class": redis.Connection},
+        ["connection_class", "not a subclass", "SSLConnection"],
+    ),
+    ("redis://h/0", {"connection_class": dict}, ["connection_class", "not a subclass"]),
     (
         "redis://:a@h/0",
         {"password": "b"},
@@ -475,3 +480,11 @@ def test_unusable_result_backend_is_refused_naming_where_it_came_from() -> None:
 def test_explicit_url_is_checked_too() -> None:
     with pytest.raises(ImproperlyConfigured, match="idempotency_redis_url must be a"):
         connection_settings(app_with(), "memcached://h", {})
+
+
+def test_a_connection_class_of_ones_own_is_taken_if_it_subclasses_the_schemes() -> None:
+    class Counting(redis.Connection):
+        pass
+
+    client = client_for("redis://127.0.0.1:1/0", {"connection_class": Counting})
+    assert client.connection_pool.connection_class is Counting

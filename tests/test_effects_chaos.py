@@ -112,13 +112,14 @@ def test_a_frozen_holder_cannot_commit_its_transaction_after_a_takeover(
     frozen = start_worker(conf)
     app = producer(conf)
     charge = app.tasks["t.charge"]
-    first = charge.apply_async(("z1", 100), {"gate": True})
+    first = charge.apply_async(("z1", 100), {"gate": True})  # waits on gate:z1
     next_report(events, "started", "z1")
     frozen.signal_group(signal.SIGSTOP)  # past its lease (2 s): it stops renewing
     try:
         start_worker(conf)
-        events.rpush("gate:z1", "1")  # for the run that takes over
-        winner = charge.apply_async(("z1", 100), {"gate": True}).get(timeout=60)
+        # The run that takes over does not wait: a gate opened now would go to the
+        # frozen run's pending BLPOP, which Redis serves first.
+        winner = charge.apply_async(("z1", 100)).get(timeout=60)
         events.rpush("gate:z1", "1")  # for the frozen run, once it wakes up
     finally:
         frozen.signal_group(signal.SIGCONT)

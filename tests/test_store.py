@@ -58,7 +58,7 @@ key = record_key_of
 
 def unfenced(record: Record | None) -> Record | None:
     """``record`` without its fence, which follows the server's clock, for comparisons."""
-    return None if record is None else dataclasses.replace(record, fence=0)
+    return None if record is None else dataclasses.replace(record, fence=0, expires=None)
 
 
 def take_over(store: RecordStore, name: str, holder: str, lease_ms: int = LEASE) -> Acquired:
@@ -72,8 +72,12 @@ def take_over(store: RecordStore, name: str, holder: str, lease_ms: int = LEASE)
         assert time.monotonic() < give_up, f"the lease on {name} never ran out: {claim}"
 
 
+#: Fields the scripts keep to count each decision once; not part of a record's state.
+BOOKKEEPING = (b"losttok", b"rrun", b"crun", b"erun")
+
+
 def snapshot(raw: redis.Redis, name: str) -> dict[bytes, bytes]:
-    return raw.hgetall(name)
+    return {field: value for field, value in raw.hgetall(name).items() if field not in BOOKKEEPING}
 
 
 # -- acquire ------------------------------------------------------------------------

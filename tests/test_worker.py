@@ -337,7 +337,7 @@ def test_a_retry_keeps_the_key_given_per_call(start_worker, producer, worker_con
     task = app.tasks["t.by_id"]
     first = task.apply_async(("okr",), {"fail": "retry_once"}, idempotency_key="refund-7").get(timeout=30)
     assert first["retries"] == 1 and first["token"] == 2
-    again = task.apply_async(("okr",), idempotency_key="refund-7").get(timeout=30)
+    again = task.apply_async(("okr",), {"fail": "retry_once"}, idempotency_key="refund-7").get(timeout=30)
     assert again == first
     assert runs(events, "okr") == 2
 

@@ -139,7 +139,16 @@ def make_app(conf: dict[str, Any]) -> Celery:
     def by_args(self: Task, label: str, hold: Any = None, fail: str | None = None) -> dict[str, Any]:
         return body(self, label, hold, fail)
 
-    @app.task(base=IdempotentTask, bind=True, shared=False, name="t.by_label", idempotency_key=("label",))
+    # The test tasks' own arguments (hold, fail) vary between deliveries of one label
+    # on purpose: their arguments are not checked against the record's.
+    @app.task(
+        base=IdempotentTask,
+        bind=True,
+        shared=False,
+        name="t.by_label",
+        idempotency_key=("label",),
+        idempotency_validate_payload=False,
+    )
     def by_label(self: Task, label: str, hold: Any = None, fail: str | None = None) -> dict[str, Any]:
         return body(self, label, hold, fail)
 
@@ -149,6 +158,7 @@ def make_app(conf: dict[str, Any]) -> Celery:
         shared=False,
         name="t.cached_errors",
         idempotency_key=("label",),
+        idempotency_validate_payload=False,
         idempotency_cache_errors=(Cached,),
     )
     def cached_errors(self: Task, label: str, hold: Any = None, fail: str | None = None) -> dict[str, Any]:
@@ -160,6 +170,7 @@ def make_app(conf: dict[str, Any]) -> Celery:
         shared=False,
         name="t.by_callable",
         idempotency_key=lambda label, hold=None, fail=None: f"order-{label}",
+        idempotency_validate_payload=False,
     )
     def by_callable(self: Task, label: str, hold: Any = None, fail: str | None = None) -> dict[str, Any]:
         return body(self, label, hold, fail)
@@ -197,7 +208,14 @@ def make_app(conf: dict[str, Any]) -> Celery:
     def plain_tick(self: Task, total: int) -> None:
         tick_body(self, total)
 
-    @app.task(base=IdempotentTask, bind=True, shared=False, name="t.charge", idempotency_key=("order_id",))
+    @app.task(
+        base=IdempotentTask,
+        bind=True,
+        shared=False,
+        name="t.charge",
+        idempotency_key=("order_id",),
+        idempotency_validate_payload=False,
+    )
     def charge(self: Task, order_id: str, cents: int, work: Any = None, gate: bool = False) -> dict[str, Any]:
         """Charge an order: a ledger row (in a transaction) and a receipt (a step)."""
         return charge_body(self, order_id, cents, work or [0, 0, 0], gate)
@@ -208,6 +226,18 @@ def make_app(conf: dict[str, Any]) -> Celery:
     ) -> dict[str, Any]:
         """The same charge on plain celery.Task: the ledger row is written directly."""
         return charge_body(self, order_id, cents, work or [0, 0, 0], gate)
+
+    @app.task(
+        base=IdempotentTask,
+        bind=True,
+        shared=False,
+        name="t.validated",
+        idempotency_key=("label",),
+        idempotency_dedupe_on_submit=True,
+    )
+    def validated(self: Task, label: str, amount: int = 0) -> dict[str, Any]:
+        """Keyed on its label, its amount checked against the record's; deduplicated when sent."""
+        return {**body(self, label), "amount": amount}
 
     @app.task(base=IdempotentTask, bind=True, shared=False, name="t.step")
     def step(self: Task, previous: Any, label: str) -> list[Any]:

@@ -51,11 +51,11 @@ class PostgresDatabase:
     conflict: tuple[type[BaseException], ...] = (psycopg.errors.UniqueViolation,)
 
     def __init__(self, url: str, options: Mapping[str, Any]) -> None:
-        from ..config import _redact
+        from ..connections import redact
 
         self._url = url
         self._options = dict(options)
-        self.where = _redact(url)
+        self.where = redact(url)
         self._local = threading.local()
         self._schema_ready = False
 

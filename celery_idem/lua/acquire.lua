@@ -1,63 +1,122 @@
 -- acquire: take the lease on an idempotency record, or say why not.
 --
--- A record is one hash: state ('running' | 'done' | 'failed' | 'free'), token (the
--- fencing token, raised by every acquisition and never lowered while the record
--- exists), fence (see below), holder (task id of the run), run (id of the delivery
--- that holds it), expires (lease end, ms
--- of server time), and, once finished, result / ctype / cenc (the encoded outcome).
--- The record's steps (values stored by self.idempotency.step) are a second hash
--- beside it, in the same hash slot.
+-- A record is one hash: state ('queued' | 'running' | 'done' | 'failed' | 'free'),
+-- token (the fencing token, raised by every acquisition and never lowered while the
+-- record exists), fence (see below), holder (task id of the run, or of the message
+-- a 'queued' marker stands for), run (id of the delivery holding it), expires (lease
+-- end, ms of server time), first ('1' when the holder's acquisition made the
+-- record), payload (digests of the call's arguments, when validated), and, once
+-- finished, result / ctype / cenc (the encoded outcome). rrun / crun / erun /
+-- losttok remember what was last counted, so that a call repeated after a lost
+-- reply is not counted twice. The record's steps are a second hash beside it, and
+-- its shard's counters a third, all in one hash slot.
 --
 -- The fence only grows across every run of the key, also across a record that
 -- expired and was made again: each acquisition sets it to the larger of the last
--- fence + 1 and the server's clock in microseconds, so a new record starts above
--- any fence an earlier record of the key could have handed out (unless the
--- server's clock went back by more than the time since).
+-- fence + 1 and the server's clock in microseconds.
 --
 -- KEYS[1]  the record
 -- KEYS[2]  its steps
+-- KEYS[3]  the counters of its shard (field: task name, unit separator, counter)
 -- ARGV[1]  holder: id of the task asking
 -- ARGV[2]  lease length, ms
 -- ARGV[3]  how long a finished record is kept, ms (the record outlives the lease by this)
--- ARGV[4]  run: an id of this delivery's run ('' if none), so that the worker's main
---          process can free the key of a run it saw die, and no other run's
+-- ARGV[4]  run: the id of this delivery's run (a repeat of this very call matches it)
+-- ARGV[5]  the task's name, for the counters ('' counts nothing)
+-- ARGV[6]  the conflict policy the caller applies if the key is busy (counted)
+-- ARGV[7]  the call's payload digests ('' when not validated)
+-- ARGV[8]  backend errors this delivery met before this call (counted once per run)
 --
 -- Returns one of
 --   {0, token, taken_over, fence, first, steps}    ACQUIRED; taken_over is 1 when an expired
 --                                                  lease of another run was taken over; first
---                                                  is 1 when no record existed (no earlier run
---                                                  of this key can have stored anything);
+--                                                  is 1 when no run of the key came before;
 --                                                  steps is the steps hash as a flat list
 --   {1, token, state, result, ctype, cenc}         FINISHED: state 'done' or 'failed'
 --   {2, holder, ms_left, token}                    BUSY: a live run holds the lease
-local key = KEYS[1]
-local rec = redis.call('HMGET', key, 'state', 'token', 'holder', 'expires', 'result', 'ctype', 'cenc', 'fence')
+--   {3, payload}                                   MISMATCH: the record is for other arguments
+-- Two calls' payload digests agree unless an argument both can compare differs (an
+-- argument without a canonical encoding has a null digest and is not compared).
+local function same_payload(a, b)
+  if a == b then return true end
+  local x, y = cjson.decode(a), cjson.decode(b)
+  for name, digest in pairs(x) do
+    local other = y[name]
+    if digest ~= cjson.null and other ~= cjson.null and digest ~= other then return false end
+  end
+  for name, other in pairs(y) do
+    if x[name] == nil and other ~= cjson.null then return false end
+  end
+  return true
+end
+
+local key, run, task = KEYS[1], ARGV[4], ARGV[5]
+local rec = redis.call('HMGET', key, 'state', 'token', 'holder', 'expires', 'result', 'ctype', 'cenc',
+  'fence', 'run', 'payload', 'rrun', 'crun', 'erun', 'first')
 local state = rec[1]
+
+local function count(name, n)
+  if task ~= '' and n > 0 then
+    redis.call('HINCRBY', KEYS[3], task .. '\31' .. name, n)
+  end
+end
+
+local errors = tonumber(ARGV[8])
+if errors > 0 and rec[13] ~= run then
+  count('backend_errors', errors)
+  redis.call('HSET', key, 'erun', run)
+end
+-- A freed record's call never finished: a new call may bring other arguments.
+if ARGV[7] ~= '' and rec[10] and state ~= 'free' and not same_payload(rec[10], ARGV[7]) then
+  return {3, rec[10]}
+end
 if state == 'done' or state == 'failed' then
+  if rec[11] ~= run then
+    redis.call('HSET', key, 'rrun', run)
+    count('replayed', 1)
+  end
   return {1, tonumber(rec[2]), state, rec[5], rec[6], rec[7]}
 end
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+local lease = tonumber(ARGV[2])
+local ttl = lease + tonumber(ARGV[3])
 if state == 'running' then
   local left = tonumber(rec[4]) - now
+  if rec[3] == ARGV[1] and rec[9] == run then
+    -- This very call, sent again after its reply was lost: it holds the lease.
+    redis.call('HSET', key, 'expires', now + lease)
+    redis.call('PEXPIRE', key, ttl)
+    return {0, tonumber(rec[2]), 0, rec[8], rec[14] == '1' and 1 or 0, redis.call('HGETALL', KEYS[2])}
+  end
   if left > 0 then
+    if rec[12] ~= run then
+      redis.call('HSET', key, 'crun', run)
+      count('conflicts_' .. ARGV[6], 1)
+    end
     return {2, rec[3], left, tonumber(rec[2])}
   end
 end
-local lease = tonumber(ARGV[2])
-local ttl = lease + tonumber(ARGV[3])
 local clock = tonumber(time[1]) * 1000000 + tonumber(time[2])
-local fence = math.max((tonumber(rec[8]) or 0) + 1, clock)
+local fence = string.format('%.0f', math.max((tonumber(rec[8]) or 0) + 1, clock))
+local first = (state == nil or state == 'queued') and '1' or '0'
 local token = redis.call('HINCRBY', key, 'token', 1)
--- '%.0f': Lua would print a number this large in exponent notation.
-redis.call('HSET', key, 'state', 'running', 'holder', ARGV[1], 'expires', now + lease,
-  'fence', string.format('%.0f', fence), 'run', ARGV[4])
+redis.call('HSET', key, 'state', 'running', 'holder', ARGV[1], 'expires', now + lease, 'fence', fence,
+  'run', run, 'first', first)
+if ARGV[7] ~= '' then
+  redis.call('HSET', key, 'payload', ARGV[7])
+end
 redis.call('PEXPIRE', key, ttl)
+count('executed', 1)
 local steps = {}
-if state then
+if first == '0' then
   steps = redis.call('HGETALL', KEYS[2])
   if #steps > 0 then
     redis.call('PEXPIRE', KEYS[2], ttl)
   end
 end
-return {0, token, state == 'running' and 1 or 0, string.format('%.0f', fence), state and 0 or 1, steps}
+if state == 'running' then
+  count('takeovers', 1)
+  return {0, token, 1, fence, 0, steps}
+end
+return {0, token, 0, fence, tonumber(first), steps}
