@@ -176,7 +176,8 @@ def _chord_repeat(task: IdempotentTask, request: Any) -> str | None:
     from celery.backends.redis import RedisBackend
 
     if not isinstance(backend, RedisBackend):
-        return f"{part} (counted again by {type(backend).__name__}: the chord body may start early)"
+        name = type(backend).__name__
+        return f"{part} (counted again by {name}: the chord may complete before its last header task)"
     if REDIS_COUNTS_PARTS_ONCE:
         return None
     conf = task.app.conf
@@ -194,9 +195,14 @@ def _chord_repeat(task: IdempotentTask, request: Any) -> str | None:
         repeats.append(
             f"the chord body {', '.join(body)} (sent again if this part lands as the chord completes)"
         )
+    # Before 5.7 the backend keeps a failed chord's parts, so every part that comes
+    # back completes it again, and fails it again. The body's state says whether it
+    # failed; one that cannot be read is warned of, since the replay must go on.
     body_id = (request.chord.get("options") or {}).get("task_id")
-    if body_id and backend.get_state(body_id) in states.PROPAGATE_STATES:
-        # Before 5.7 the backend keeps a failed chord's parts, so every part that
-        # comes back completes it again, and fails it again.
+    try:
+        chord_failed = bool(body_id) and backend.get_state(body_id) in states.PROPAGATE_STATES
+    except Exception:
+        chord_failed = True
+    if chord_failed:
         repeats.append(f"the failure of chord {request.group} (its body's error callbacks)")
     return "; ".join(repeats) or None

@@ -446,6 +446,7 @@ def test_a_replayed_chord_part_warns_only_where_the_backend_may_count_it_twice(
     redis_app = make_app(worker_conf)
     unordered = make_app({**worker_conf, "result_backend_transport_options": {"result_chord_ordered": False}})
     database = make_app({**worker_conf, "result_backend": results_database})
+    counter = make_app({**worker_conf, "result_backend": "cache+memory://"})
     monkeypatch.setattr(canvas, "REDIS_COUNTS_PARTS_ONCE", True)
     for app in (redis_app, unordered, database):
         replay(app, **a_chord(app, "t.collect"))
@@ -458,10 +459,12 @@ def test_a_replayed_chord_part_warns_only_where_the_backend_may_count_it_twice(
     replay(redis_app, **a_chord(redis_app, "t.plain_collect"))
     replay(unordered, **a_chord(unordered, "t.collect"))
     replay(database, **a_chord(database, "t.plain_collect"))
-    plain_body, early = warnings()
+    replay(counter, **a_chord(counter, "t.collect"))
+    plain_body, early, counted = warnings()
     assert "the chord body t.plain_collect" in plain_body and "idem:{k}" in plain_body
     assert "its part of chord g1" in early and "start early" in early
-    for app in (redis_app, unordered, database):
+    assert "its part of chord g1 (counted again by CacheBackend" in counted
+    for app in (redis_app, unordered, database, counter):
         app.close()
 
 
