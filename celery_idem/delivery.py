@@ -1,9 +1,11 @@
 """The state machine of one delivery of an idempotent task, in :func:`deliver`.
 
 1. compute the key (message header, else the task's key strategy); no key, no run;
+   give the callbacks stable ids (:func:`celery_idem.canvas.pin_callback_ids`);
 2. one ``EVALSHA`` against the record: ACQUIRED, FINISHED, BUSY or MISMATCH;
 3. FINISHED: return the recorded result (or raise the recorded failure) as this
-   delivery's own outcome, without running the body;
+   delivery's own outcome, without running the body, and warn of what Celery then
+   sends or counts again that may run twice (:func:`celery_idem.canvas.warn_of_repeats`);
 4. BUSY: apply ``idempotency_on_conflict`` (re-queue, wait, raise or drop);
 5. MISMATCH: the key's record is for other arguments: fail, touching nothing;
 6. ACQUIRED: run the body while the lease is renewed, then commit the result under
@@ -32,6 +34,7 @@ from celery.utils.log import get_task_logger
 from kombu.serialization import prepare_accept_content
 
 from . import signals
+from .canvas import pin_callback_ids, warn_of_repeats
 from .codec import decode_failure, decode_result, encode_failure, encode_result
 from .config import IdempotencyConfig
 from .effects import Run
@@ -98,6 +101,8 @@ def deliver(task: IdempotentTask, request: Any, args: tuple[Any, ...], kwargs: d
     material = key_material(config, request.headers, request.id, args, kwargs)
     key = record_key(config.key_prefix, task.name, material)
     payload = payload_of(config, material, request.headers, args, kwargs)
+    # Every delivery of this message sends its callbacks under the same ids.
+    pin_callback_ids(request)
     store = store_for(config.redis_url, config.redis_options)
     # The id of this run: stamped by the worker's main process (IdempotentRequest), so
     # that it can free the key if it sees this process die; made here otherwise.
@@ -355,6 +360,7 @@ def _replay(task: IdempotentTask, key: str, finished: Finished) -> Any:
         task.request.id,
         token=finished.token,
     )
+    warn_of_repeats(task, task.request, key, finished.failed)
     if finished.failed:
         raise decode_failure(finished.outcome, accept, task.backend, key)
     return decode_result(finished.outcome, accept, key)

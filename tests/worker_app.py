@@ -5,6 +5,8 @@ same app with :func:`make_app` and the same dict, so producer and worker agree.
 Task bodies report to the records' Redis server: ``runs:<label>`` counts executions
 (the side effect the tests count), ``started:<label>`` / ``finished:<label>`` are
 lists the tests block on, and ``gate:<label>`` holds a body until the test opens it.
+With ``test_count_traffic`` set, workers also count the task messages they publish
+and the deliveries they finish in the ``traffic`` hash (see ``tests/test_canvas.py``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import redis
 from celery import Celery, Task, group, signals
 
 from celery_idem import IdempotentTask
+from celery_idem import signals as idem_signals
 
 _clients: dict[tuple[int, str], redis.Redis] = {}
 
@@ -68,6 +71,19 @@ def body(task: Task, label: str, hold: Any = None, fail: str | None = None) -> d
     if fail == "retry_once" and runs == 1:
         raise task.retry(countdown=0.1)
     r.hincrby("effects", label, 1)  # the side effect the chaos tests count
+    r.rpush(f"finished:{label}", json.dumps(report))
+    return report
+
+
+def collect_body(task: Task, received: Any, label: str) -> dict[str, Any]:
+    """A chord body, callback or errback: count the run and report what it received."""
+    r = events(events_url(task.app))
+    report = {
+        "label": label,
+        "task_id": task.request.id,
+        "run": r.incr(f"runs:{label}"),
+        "received": received,
+    }
     r.rpush(f"finished:{label}", json.dumps(report))
     return report
 
@@ -239,6 +255,15 @@ def make_app(conf: dict[str, Any]) -> Celery:
         """Keyed on its label, its amount checked against the record's; deduplicated when sent."""
         return {**body(self, label), "amount": amount}
 
+    @app.task(base=IdempotentTask, bind=True, shared=False, name="t.collect")
+    def collect(self: Task, received: Any, label: str) -> dict[str, Any]:
+        """A chord body (gets the header's results), callback (the result) or errback (the task id)."""
+        return collect_body(self, received, label)
+
+    @app.task(bind=True, shared=False, name="t.plain_collect")
+    def plain_collect(self: Task, received: Any, label: str) -> dict[str, Any]:
+        return collect_body(self, received, label)
+
     @app.task(base=IdempotentTask, bind=True, shared=False, name="t.step")
     def step(self: Task, previous: Any, label: str) -> list[Any]:
         body(self, label)
@@ -251,6 +276,25 @@ def make_app(conf: dict[str, Any]) -> Celery:
 def _announce_retry(sender: Any = None, request: Any = None, **kwargs: Any) -> None:
     if request is not None and request.args:
         events(events_url(sender.app)).rpush(f"retried:{request.args[0]}", request.id)
+
+
+@idem_signals.task_conflict.connect(weak=False)
+def _announce_conflict(sender: Any = None, request: Any = None, **kwargs: Any) -> None:
+    if request is not None and request.args:
+        events(events_url(sender.app)).rpush(f"conflict:{request.args[0]}", request.id)
+
+
+@signals.before_task_publish.connect(weak=False)
+def _count_published(**kwargs: Any) -> None:
+    # In a worker process, the app is this module's; a test process counts its own.
+    if app.conf.get("test_count_traffic"):
+        events(events_url(app)).hincrby("traffic", "published", 1)
+
+
+@signals.task_postrun.connect(weak=False)
+def _count_finished(sender: Any = None, **kwargs: Any) -> None:
+    if sender is not None and sender.app.conf.get("test_count_traffic"):
+        events(events_url(sender.app)).hincrby("traffic", "finished", 1)
 
 
 @signals.worker_ready.connect(weak=False)
