@@ -20,7 +20,21 @@ from .harness import Options, Servers
 from .peers import missing
 from .peers.throughput import ONCE, SINGLETON
 from .report import Table
-from .throughput import IDEM_ARGS, IDEM_ID, PLAIN, SHARED_BROKER_QUEUE, compare, ratio_table
+from .throughput import IDEM_ARGS, IDEM_ID, PLAIN, SHARED_BROKER_QUEUE, Variant, compare, ratio_table
+
+#: The workers of plain Celery and of the peers stall for up to 10 s at a time on
+#: RabbitMQ (kombu's event loop; docs/design.md, "The event-loop stall"), which
+#: celery_idem's workers do not. These variants run them in a worker that imports
+#: celery_idem, so that the comparison is of the tasks' own cost.
+PLAIN_FIXED = Variant(
+    "plain `celery.Task` (acks_late), worker with celery_idem's loop fix", "bench.plain", loop_fix=True
+)
+ONCE_FIXED = Variant(
+    "celery-once `QueueOnce`, worker with celery_idem's loop fix", "bench.once", loop_fix=True
+)
+SINGLETON_FIXED = Variant(
+    "celery-singleton `Singleton`, worker with celery_idem's loop fix", "bench.singleton", loop_fix=True
+)
 
 NAME = "rabbitmq"
 TITLE = "Throughput on RabbitMQ: plain Celery, celery_idem and the peers"
@@ -40,9 +54,9 @@ def reachable(url: str) -> str | None:
 
 
 def run(options: Options, servers: Servers) -> list[Table]:
-    variants = [PLAIN, IDEM_ID, IDEM_ARGS]
+    variants = [PLAIN_FIXED, PLAIN, IDEM_ID, IDEM_ARGS]
     if not missing():
-        variants += [ONCE, SINGLETON]
+        variants += [ONCE_FIXED, SINGLETON_FIXED, ONCE, SINGLETON]
     count = options.pick(5000, 1000, options.tasks)
     runs = options.pick(5, 3, options.runs)
     print(f"{TITLE}: {len(variants)} variants x {runs} runs x {count:,} tasks, ignore_result")
@@ -60,6 +74,10 @@ def run(options: Options, servers: Servers) -> list[Table]:
     )
     table.notes.append(
         f"broker: RabbitMQ at {Connection(AMQP_URL).as_uri()}, queue `{SHARED_BROKER_QUEUE}` purged before every run"
+    )
+    table.notes.append(
+        "ratios are to the first row, plain Celery in a worker with celery_idem's event-loop fix; "
+        "rows without the fix are stock workers, whose runs include kombu's stalls of up to 10 s"
     )
     if missing():
         table.notes.append("celery-once and celery-singleton were not installed for this run")

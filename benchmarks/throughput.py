@@ -31,6 +31,9 @@ class Variant:
     task: str
     #: ``broker_transport`` of the worker, when not Celery's choice.
     transport: str | None = None
+    #: Import celery_idem in the worker (its worker hooks, the event-loop fix among
+    #: them, then apply to every task), also for a task that is not celery_idem's.
+    loop_fix: bool = False
 
 
 #: The queue the benchmarks use on a broker that is not theirs alone (RabbitMQ).
@@ -113,6 +116,7 @@ def drain(
     transport: str | None = None,
     broker_url: str | None = None,
     extra_settings: Mapping[str, Any] | None = None,
+    loop_fix: bool = False,
 ) -> Drain:
     """Queue ``count`` tasks, then start a solo worker and wait until it ran them all.
 
@@ -137,12 +141,13 @@ def drain(
     publish(producer_settings, task, count, task_ids)
     broker, records = servers.client("broker"), servers.client("records")
     before = command_stats(broker), command_stats(records)
-    with Worker(servers, worker_settings, {"expect": count, "groups": group_of(task)}) as worker:
+    groups = tuple(dict.fromkeys((*group_of(task), *(("idem",) if loop_fix else ()))))
+    with Worker(servers, worker_settings, {"expect": count, "groups": groups}) as worker:
         report = worker.report(timeout=120 + count * 0.05)
         after = command_stats(broker), command_stats(records)
     if report["deliveries"] != count:
         raise RuntimeError(f"{task}: expected {count} deliveries, the worker reported {report['deliveries']}")
-    if report["celery_idem_loaded"] != ("idem" in group_of(task) or bool(transport)):
+    if report["celery_idem_loaded"] != ("idem" in groups or bool(transport)):
         raise RuntimeError(
             f"{task}: the worker {'did' if report['celery_idem_loaded'] else 'did not'} import celery_idem"
         )
@@ -188,6 +193,7 @@ def compare(
                 result_backend,
                 transport=variant.transport,
                 broker_url=broker_url,
+                loop_fix=variant.loop_fix,
             )
     results: dict[Variant, list[Drain]] = {variant: [] for variant in variants}
     for run in range(runs):
@@ -199,6 +205,7 @@ def compare(
                 result_backend,
                 transport=variant.transport,
                 broker_url=broker_url,
+                loop_fix=variant.loop_fix,
             )
             results[variant].append(result)
             print(f"  run {run + 1}/{runs} {variant.task}: {result.rate():,.0f} tasks/s")

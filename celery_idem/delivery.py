@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import random
 import time
-import uuid
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -47,7 +46,15 @@ from .errors import (
     ResultTooLarge,
     describe_error,
 )
-from .keys import KEY_HEADER, PAYLOAD_HEADER, differing_arguments, payload_digests, record_key, user_key
+from .keys import (
+    KEY_HEADER,
+    PAYLOAD_HEADER,
+    differing_arguments,
+    new_run_id,
+    payload_digests,
+    record_key,
+    user_key,
+)
 from .lease import Lease, renewer
 from .store import BACKEND_ERRORS, Acquired, Busy, Finished, Mismatch, Outcome, RecordStore, store_for
 from .task import RUN_ATTRIBUTE
@@ -106,7 +113,7 @@ def deliver(task: IdempotentTask, request: Any, args: tuple[Any, ...], kwargs: d
     store = store_for(config.redis_url, config.redis_options)
     # The id of this run: stamped by the worker's main process (IdempotentRequest), so
     # that it can free the key if it sees this process die; made here otherwise.
-    run_id = getattr(request, RUN_FIELD, None) or uuid.uuid4().hex
+    run_id = getattr(request, RUN_FIELD, None) or new_run_id()
     errors = int((request.headers or {}).get(BACKEND_ERRORS_HEADER, 0))
     policy = "wait" if config.on_conflict == "retry" and request.is_eager else config.on_conflict
     wait_until = None

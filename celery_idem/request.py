@@ -22,7 +22,6 @@ arguments, which the main process has), for every key strategy.
 from __future__ import annotations
 
 import os
-import uuid
 from typing import Any
 
 from billiard.exceptions import Terminated, TimeLimitExceeded, WorkerLostError
@@ -31,6 +30,7 @@ from celery.utils.log import get_logger
 from celery.worker.request import Request
 
 from .errors import IdempotencyKeyError, describe_error
+from .keys import new_run_id
 
 __all__ = ["WORKER_LOST_WAIT", "IdempotentRequest", "WatchPoolProcesses"]
 
@@ -53,7 +53,7 @@ class IdempotentRequest(Request):  # type: ignore[misc]
         from .delivery import RUN_FIELD
 
         super().__init__(*args, **kwargs)
-        self._celery_idem_run = uuid.uuid4().hex
+        self._celery_idem_run = new_run_id()
         # Sent to the pool process with the rest of the request: the run records it.
         self._request_dict[RUN_FIELD] = self._celery_idem_run
 

@@ -185,6 +185,16 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def _pack(parts: Sequence[Any]) -> bytes:
+    """A command in RESP, packed in one pass: redis-py's packer costs more than the round trip's
+    own Python for commands of a dozen arguments (str, int and bytes only)."""
+    chunks = [b"*%d\r\n" % len(parts)]
+    for part in parts:
+        data = part if isinstance(part, bytes) else str(part).encode()
+        chunks.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(chunks)
+
+
 def _counts(values: Sequence[int], size: int) -> list[int]:
     return [*values, *([0] * (size - len(values)))][:size]
 
@@ -444,8 +454,10 @@ class RecordStore:
         except IndexError:
             connection = pool.make_connection()
 
+        command = _pack(("EVALSHA", script.sha, len(keys), *keys, *args))
+
         def call() -> Any:
-            connection.send_command("EVALSHA", script.sha, len(keys), *keys, *args)
+            connection.send_packed_command([command], False)
             try:
                 return connection.read_response()
             except NoScriptError:
@@ -453,7 +465,7 @@ class RecordStore:
                 # failover (Redis does not replicate SCRIPT LOAD): load and send again.
                 connection.send_command("SCRIPT", "LOAD", script.source)
                 connection.read_response()
-                connection.send_command("EVALSHA", script.sha, len(keys), *keys, *args)
+                connection.send_packed_command([command], False)
                 return connection.read_response()
 
         try:
@@ -485,6 +497,11 @@ _stores: dict[tuple[str, str], RecordStore] = {}
 _stores_lock = threading.Lock()
 
 
+#: The store of each (url, options object) seen, so that a delivery finds its store
+#: without serialising its options (the options of a task's config are one object).
+_by_identity: dict[tuple[str, int], tuple[Mapping[str, Any], RecordStore]] = {}
+
+
 def store_for(url: str, options: Mapping[str, Any]) -> RecordStore:
     """Return this process's store for ``url``; one client (and pool) per URL and options.
 
@@ -492,6 +509,9 @@ def store_for(url: str, options: Mapping[str, Any]) -> RecordStore:
     Redis Cluster. Raises :class:`~celery_idem.errors.ImproperlyConfigured` for a URL
     or options it refuses.
     """
+    seen = _by_identity.get((url, id(options)))
+    if seen is not None and seen[0] is options:
+        return seen[1]
     cache_key = (url, json.dumps(dict(options), sort_keys=True, default=repr))
     store = _stores.get(cache_key)
     if store is None:
@@ -501,6 +521,7 @@ def store_for(url: str, options: Mapping[str, Any]) -> RecordStore:
             store = _stores.get(cache_key)
             if store is None:
                 store = _stores[cache_key] = RecordStore(client_for(url, options), redact(url))
+    _by_identity[(url, id(options))] = (options, store)
     return store
 
 
@@ -508,3 +529,4 @@ def reset_stores() -> None:
     """Forget every client: a forked child must not share its parent's sockets."""
     with _stores_lock:
         _stores.clear()
+        _by_identity.clear()
