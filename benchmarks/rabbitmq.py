@@ -53,25 +53,7 @@ def reachable(url: str) -> str | None:
     return None
 
 
-def run(options: Options, servers: Servers) -> list[Table]:
-    variants = [PLAIN_FIXED, PLAIN, IDEM_ID, IDEM_ARGS]
-    if not missing():
-        variants += [ONCE_FIXED, SINGLETON_FIXED, ONCE, SINGLETON]
-    count = options.pick(5000, 1000, options.tasks)
-    runs = options.pick(5, 3, options.runs)
-    print(f"{TITLE}: {len(variants)} variants x {runs} runs x {count:,} tasks, ignore_result")
-    try:
-        results = compare(servers, variants, count, runs, warmup=not options.quick, broker_url=AMQP_URL)
-    finally:
-        with Connection(AMQP_URL) as connection:
-            connection.default_channel.queue_delete(SHARED_BROKER_QUEUE)
-    table = ratio_table(
-        f"Throughput on RabbitMQ, ignore_result=True ({count:,} tasks, solo worker)",
-        results,
-        count,
-        runs,
-        broker_counted=False,
-    )
+def _notes(table: Table, end_to_end: bool) -> None:
     table.notes.append(
         f"broker: RabbitMQ at {Connection(AMQP_URL).as_uri()}, queue `{SHARED_BROKER_QUEUE}` purged before every run"
     )
@@ -81,9 +63,61 @@ def run(options: Options, servers: Servers) -> list[Table]:
     )
     if missing():
         table.notes.append("celery-once and celery-singleton were not installed for this run")
+    elif end_to_end:
+        table.notes.append(
+            "celery-once and celery-singleton take their lock when the task is sent: "
+            "here that is in the time and in the records-server counts"
+        )
     else:
         table.notes.append(
             "celery-once and celery-singleton take their lock when the task is sent; "
             "the records-server commands they run at send time are not counted here"
         )
-    return [table]
+
+
+#: The runs: (pool, processes, end to end).
+MODES = (("solo", 1, False), ("solo", 1, True), ("prefork", 2, False), ("prefork", 2, True))
+
+
+def run(options: Options, servers: Servers) -> list[Table]:
+    fixed = [PLAIN_FIXED, IDEM_ID, IDEM_ARGS]
+    stock = [PLAIN]
+    if not missing():
+        fixed += [ONCE_FIXED, SINGLETON_FIXED]
+        stock += [ONCE, SINGLETON]
+    count = options.pick(5000, 1000, options.tasks)
+    runs = options.pick(5, 3, options.runs)
+    tables = []
+    try:
+        for pool, processes, end_to_end in MODES:
+            # Stock workers only in the first table: they show the stall, which the rest leave out.
+            variants = fixed + stock if not tables else fixed
+            what = "published while the worker runs" if end_to_end else "pre-queued"
+            worker = "solo worker" if pool == "solo" else f"prefork worker, {processes} processes"
+            print(f"{TITLE}: {len(variants)} variants x {runs} runs x {count:,} tasks, {worker}, {what}")
+            results = compare(
+                servers,
+                variants,
+                count,
+                runs,
+                warmup=not options.quick and not tables,
+                broker_url=AMQP_URL,
+                end_to_end=end_to_end,
+                pool=pool,
+                concurrency=processes,
+            )
+            how = "end to end: publish and drain" if end_to_end else "drain of pre-queued tasks"
+            table = ratio_table(
+                f"Throughput on RabbitMQ, {how}, ignore_result=True ({count:,} tasks, {worker})",
+                results,
+                count,
+                runs,
+                span="end_to_end" if end_to_end else "body_span",
+                broker_counted=False,
+            )
+            _notes(table, end_to_end)
+            tables.append(table)
+    finally:
+        with Connection(AMQP_URL) as connection:
+            connection.default_channel.queue_delete(SHARED_BROKER_QUEUE)
+    return tables

@@ -60,13 +60,26 @@ class Drain:
     tasks: int
     broker_commands: Mapping[str, int]
     records_commands: Mapping[str, int]
+    #: ``time.perf_counter()`` when publishing began, for an end-to-end run.
+    published: float | None = None
 
     def rate(self, span: str = "body_span") -> float:
-        """Tasks per second over ``body_span`` (first body start to last body end) or ``delivery_span``."""
+        """Tasks per second over ``body_span`` (first body start to last body end),
+        ``delivery_span``, or ``end_to_end`` (first publish to last body end)."""
+        if span == "end_to_end":
+            assert self.published is not None, "not an end-to-end run"
+            return self.tasks / (float(self.report["body_last"]) - self.published)
         return self.tasks / float(self.report[span])
 
     def per_task(self, commands: Mapping[str, int]) -> float:
         return sum(commands.values()) / self.tasks
+
+    def round_trips_per_task(self) -> float:
+        """Records-server round trips per task: the script calls where there are any (the
+        commands a script runs are counted too, but cost no round trip), else every
+        command (the peers run no scripts and no pipelines)."""
+        scripts = sum(n for name, n in self.records_commands.items() if name in ("evalsha", "eval"))
+        return (scripts if scripts else sum(self.records_commands.values())) / self.tasks
 
 
 def settings(
@@ -117,9 +130,14 @@ def drain(
     broker_url: str | None = None,
     extra_settings: Mapping[str, Any] | None = None,
     loop_fix: bool = False,
+    end_to_end: bool = False,
+    pool: str = "solo",
+    concurrency: int = 1,
 ) -> Drain:
-    """Queue ``count`` tasks, then start a solo worker and wait until it ran them all.
+    """Queue ``count`` tasks, then start a worker and wait until it ran them all.
 
+    With ``end_to_end`` the worker is started first, idle, and the tasks are published
+    while it runs them, so what the producer pays (the peers' locks) is in the time.
     The worker imports celery_idem only for idempotent tasks or its transport, and
     this is checked: the plain baseline is Celery as it is without celery_idem.
     With ``broker_url`` (RabbitMQ) the queue is purged instead of the broker server
@@ -138,11 +156,17 @@ def drain(
         conf.update(extra_settings or {})
     if transport:
         worker_settings["broker_transport"] = transport
-    publish(producer_settings, task, count, task_ids)
+    if not end_to_end:
+        publish(producer_settings, task, count, task_ids)
     broker, records = servers.client("broker"), servers.client("records")
     before = command_stats(broker), command_stats(records)
     groups = tuple(dict.fromkeys((*group_of(task), *(("idem",) if loop_fix else ()))))
-    with Worker(servers, worker_settings, {"expect": count, "groups": groups}) as worker:
+    published = None
+    bench = {"expect": count, "groups": groups}
+    with Worker(servers, worker_settings, bench, pool=pool, concurrency=concurrency) as worker:
+        if end_to_end:
+            published = time.perf_counter()
+            publish(producer_settings, task, count, task_ids)
         report = worker.report(timeout=120 + count * 0.05)
         after = command_stats(broker), command_stats(records)
     if report["deliveries"] != count:
@@ -151,7 +175,9 @@ def drain(
         raise RuntimeError(
             f"{task}: the worker {'did' if report['celery_idem_loaded'] else 'did not'} import celery_idem"
         )
-    return Drain(report, count, command_delta(before[0], after[0]), command_delta(before[1], after[1]))
+    return Drain(
+        report, count, command_delta(before[0], after[0]), command_delta(before[1], after[1]), published
+    )
 
 
 def purge(broker_url: str) -> None:
@@ -182,8 +208,12 @@ def compare(
     warmup: bool,
     result_backend: bool = False,
     broker_url: str | None = None,
+    end_to_end: bool = False,
+    pool: str = "solo",
+    concurrency: int = 1,
 ) -> dict[Variant, list[Drain]]:
     """Run every variant ``runs`` times, alternating (ABCABC...), after one small warm-up run each."""
+    how = {"end_to_end": end_to_end, "pool": pool, "concurrency": concurrency}
     if warmup:
         for variant in variants:
             drain(
@@ -194,6 +224,7 @@ def compare(
                 transport=variant.transport,
                 broker_url=broker_url,
                 loop_fix=variant.loop_fix,
+                **how,
             )
     results: dict[Variant, list[Drain]] = {variant: [] for variant in variants}
     for run in range(runs):
@@ -206,9 +237,11 @@ def compare(
                 transport=variant.transport,
                 broker_url=broker_url,
                 loop_fix=variant.loop_fix,
+                **how,
             )
             results[variant].append(result)
-            print(f"  run {run + 1}/{runs} {variant.task}: {result.rate():,.0f} tasks/s")
+            span = "end_to_end" if end_to_end else "body_span"
+            print(f"  run {run + 1}/{runs} {variant.task}: {result.rate(span):,.0f} tasks/s")
     return results
 
 
@@ -235,6 +268,7 @@ def ratio_table(
             "per-round ratio, range",
             "broker commands / task",
             "records-server commands / task",
+            "records-server round trips / task",
         ],
     )
     variants = list(results)
@@ -252,11 +286,18 @@ def ratio_table(
             f"{min(ratios):.2f} to {max(ratios):.2f}",
             f"{median(d.per_task(d.broker_commands) for d in drains):.2f}" if broker_counted else "n/a",
             f"{median(d.per_task(d.records_commands) for d in drains):.2f}",
+            f"{median(d.round_trips_per_task() for d in drains):.2f}",
         )
-    table.notes.append(
-        f"{runs_text(runs)} of {count:,} tasks per variant, alternating; "
-        "rate = tasks / (last body end - first body start), recorded in the worker"
-    )
+    if span == "end_to_end":
+        how = (
+            "the worker started and idle first, then the tasks published from the benchmark process "
+            "while it ran them; rate = tasks / (first publish - last body end)"
+        )
+    else:
+        how = (
+            "tasks published first; rate = tasks / (last body end - first body start), recorded in the worker"
+        )
+    table.notes.append(f"{runs_text(runs)} of {count:,} tasks per variant, alternating; {how}")
     table.notes.append(
         "commands / task: `INFO commandstats` deltas over the run (worker start-up included), "
         "counting the commands Lua scripts run as well as the EVALSHA calls"
