@@ -170,7 +170,7 @@ def show(
     if found is None and task_id and key is None:
         found = _held_by(target, task_id, task_name)
     if found is None:
-        raise _refused(f"no record for {keys[0] if len(keys) == 1 else 'task id ' + str(task_id)}")
+        raise _refused(f"no record for task id {task_id}" if task_id else f"no record for {keys[0]}")
     view = _view(ctx, found)
     if as_json:
         ctx.obj.echo(json.dumps(view, indent=2))
@@ -204,7 +204,7 @@ def _keys_of(
         names = (
             [task_name] if task_name else [n for n, t in app.tasks.items() if isinstance(t, IdempotentTask)]
         )
-        return [record_key(target.prefix, name, f"id:{task_id}") for name in names] or [f"id:{task_id}"]
+        return [record_key(target.prefix, name, f"id:{task_id}") for name in names]
     if task_name is None:
         raise click.UsageError("give KEY, --task-id ID, or --task NAME with --args/--kwargs")
     task = app.tasks.get(task_name)
