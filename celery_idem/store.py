@@ -103,6 +103,7 @@ _RELEASE = _Script("release")
 _STEP = _Script("step")
 _SUBMIT = _Script("submit")
 _PURGE = _Script("purge")
+_INSPECT = _Script("inspect")
 
 
 @dataclass(frozen=True)
@@ -441,26 +442,20 @@ class RecordStore:
         return _record(fields, outcome)
 
     def details(self, key: str) -> RecordDetails | None:
-        """Return the record of ``key`` with its TTL, lease left and step names, in one round trip."""
-        pipe = self.client.pipeline(transaction=False)
-        pipe.hgetall(key)
-        pipe.pttl(key)
-        pipe.hkeys(steps_key(key))
-        pipe.time()
-        raw, ttl, steps, (seconds, micros) = pipe.execute()
-        fields = {_text(k): v for k, v in raw.items()}
+        """Return the record of ``key`` with its TTL, lease left and step names (one script, ``inspect.lua``)."""
+        flat, ttl, steps, now = self._run(_INSPECT, [key, steps_key(key)])
+        fields = {_text(flat[i]): flat[i + 1] for i in range(0, len(flat), 2)}
         if "state" not in fields:
             return None
         outcome = None
         if "result" in fields:
             outcome = Outcome(fields["result"], _text(fields["ctype"]), _text(fields["cenc"]))
         record = _record(fields, outcome)
-        now = int(seconds) * 1000 + int(micros) // 1000
         return RecordDetails(
             key=key,
             record=record,
             ttl_ms=int(ttl) if int(ttl) >= 0 else None,
-            lease_left_ms=record.expires - now if record.state == "running" and record.expires else None,
+            lease_left_ms=record.expires - int(now) if record.state == "running" and record.expires else None,
             steps=tuple(sorted(_text(name) for name in steps)),
         )
 
