@@ -23,6 +23,7 @@ process that only sends tasks never imports it.
 from __future__ import annotations
 
 import random
+import socket
 import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -76,6 +77,9 @@ __all__ = [
 #: Celery's task logger: lines carry the task's name and id in the worker's task log format.
 logger = get_task_logger(__name__)
 
+#: This machine's name, for records of deliveries that know no worker node name (eager ones).
+_HOST = socket.gethostname()
+
 #: Message header counting how often a delivery re-queued itself (for back-off).
 REQUEUES_HEADER = "idempotency_requeues"
 #: Message header counting the backend errors a delivery met since it last got
@@ -115,6 +119,7 @@ def deliver(task: IdempotentTask, request: Any, args: tuple[Any, ...], kwargs: d
     # that it can free the key if it sees this process die; made here otherwise.
     run_id = getattr(request, RUN_FIELD, None) or new_run_id()
     errors = int((request.headers or {}).get(BACKEND_ERRORS_HEADER, 0))
+    host = getattr(request, "hostname", None) or _HOST
     policy = "wait" if config.on_conflict == "retry" and request.is_eager else config.on_conflict
     wait_until = None
     poll = 0.05
@@ -130,6 +135,7 @@ def deliver(task: IdempotentTask, request: Any, args: tuple[Any, ...], kwargs: d
                 policy,
                 payload,
                 errors,
+                host,
             )
         except BACKEND_ERRORS as exc:
             return _on_backend_error(task, config, store, request, material, key, args, kwargs, exc)

@@ -41,18 +41,26 @@ def validate_on_worker_start(sender: Any = None, **kwargs: Any) -> None:
     the bootstep that keeps the event loop from stalling between late-acknowledged
     tasks (:mod:`celery_idem.eventloop`).
 
+    Only for apps with at least one :class:`~celery_idem.IdempotentTask`: the
+    ``celery idem`` command loads this package into every ``celery`` process, and a
+    worker of an app that does not use celery_idem must not change.
+
     Settings may change after the tasks were bound (in ``celeryd_init`` handlers,
     say), so they are resolved again here. A bad setting stops the worker with the
     :class:`~celery_idem.errors.ImproperlyConfigured` message: Celery logs and
     swallows exceptions raised by signal handlers, so this one exits instead.
     """
     app = sender.app
+    # The ``celery idem`` command imports this package into every ``celery`` process:
+    # a worker of an app with no idempotent task is left as Celery made it.
+    idempotent = [task for task in app.tasks.values() if isinstance(task, IdempotentTask)]
+    if not idempotent:
+        return
     try:
         check_app_settings(app)
-        for task in app.tasks.values():
-            if isinstance(task, IdempotentTask):
-                config = type(task)._resolved_idempotency = resolve(app, type(task))
-                check_connection(config)
+        for task in idempotent:
+            config = type(task)._resolved_idempotency = resolve(app, type(task))
+            check_connection(config)
         transport = atomic_fetch_transport(app)
     except ImproperlyConfigured as exc:
         raise SystemExit(f"celery-idem: {exc}") from exc

@@ -48,6 +48,7 @@ __all__ = [
     "KEY_HEADER",
     "PAYLOAD_HEADER",
     "SHARDS",
+    "STATES",
     "ArgumentsKey",
     "CallableKey",
     "KeyStrategy",
@@ -58,6 +59,7 @@ __all__ = [
     "new_run_id",
     "payload_digests",
     "record_key",
+    "record_pattern",
     "shard_of",
     "shard_stats_keys",
     "stats_key",
@@ -161,6 +163,12 @@ def _decimal_text(value: decimal.Decimal) -> str:
 SHARDS = 64
 
 
+#: The states a record can be in: ``queued`` (a submit-side marker: sent, not run yet),
+#: ``running`` (a run holds the lease), ``done`` / ``failed`` (an outcome is recorded),
+#: ``free`` (a run gave its lease back without an outcome; the next delivery runs).
+STATES = ("queued", "running", "done", "failed", "free")
+
+
 _run_prefix: tuple[int, str] = (0, "")
 _run_counter = itertools.count()
 
@@ -224,6 +232,12 @@ def record_key(prefix: str, task_name: str, material: str) -> str:
     """
     digest = _digest({"key": material, "task": task_name})
     return f"{prefix}:{{{shard_of(digest)}}}{digest}"
+
+
+def record_pattern(prefix: str) -> str:
+    """The SCAN pattern matching every record under ``prefix``, and not their steps or counters."""
+    escaped = "".join(f"\\{c}" if c in "*?[]\\" else c for c in prefix)
+    return escaped + ":{s[0-9][0-9]}" + "?" * 64
 
 
 def shard_of(digest: str) -> str:

@@ -23,7 +23,7 @@ import hashlib
 import json
 import os
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Union
@@ -33,17 +33,19 @@ import redis.cluster
 from redis.exceptions import NoScriptError
 
 from .errors import LeaseLost
-from .keys import shard_stats_keys, stats_key, steps_key
+from .keys import STATES, record_pattern, shard_stats_keys, stats_key, steps_key
 
 __all__ = [
     "BACKEND_ERRORS",
     "COUNTERS",
+    "STATES",
     "Acquired",
     "Busy",
     "Finished",
     "Mismatch",
     "Outcome",
     "Record",
+    "RecordDetails",
     "RecordStore",
     "Send",
     "Sent",
@@ -81,6 +83,7 @@ COUNTERS: Mapping[str, str] = {
     "transactions_run": "transactions of finished runs that ran",
     "transactions_replayed": "transactions returned from their stored row",
     "deduplicated_on_submit": "calls not sent because a record of their key existed",
+    "freed_by_operator": "keys freed by hand (celery idem release)",
 }
 
 
@@ -99,6 +102,8 @@ _COMMIT = _Script("commit")
 _RELEASE = _Script("release")
 _STEP = _Script("step")
 _SUBMIT = _Script("submit")
+_PURGE = _Script("purge")
+_INSPECT = _Script("inspect")
 
 
 @dataclass(frozen=True)
@@ -179,6 +184,25 @@ class Record:
     fence: int = 0
     #: Milliseconds of server time the lease ends at, for a running record.
     expires: int | None = None
+    #: The task's name, as the delivery that made the record gave it.
+    task: str | None = None
+    #: The worker (node name) the holder runs, or ran, on.
+    host: str | None = None
+
+
+@dataclass(frozen=True)
+class RecordDetails:
+    """A record with what an operator asks next: how long it lives, its lease, its steps."""
+
+    key: str
+    record: Record
+    #: Milliseconds until Redis deletes the record (None: it does not expire).
+    ttl_ms: int | None
+    #: Milliseconds until the lease ends, by the server's clock (running records only;
+    #: zero or less when it ended and nothing renewed it).
+    lease_left_ms: int | None
+    #: Names of the steps stored beside the record.
+    steps: tuple[str, ...] = ()
 
 
 def _text(value: bytes | str) -> str:
@@ -193,6 +217,21 @@ def _pack(parts: Sequence[Any]) -> bytes:
         data = part if isinstance(part, bytes) else str(part).encode()
         chunks.append(b"$%d\r\n%s\r\n" % (len(data), data))
     return b"".join(chunks)
+
+
+def _record(fields: Mapping[str, Any], outcome: Outcome | None) -> Record:
+    holder, expires = fields.get("holder"), fields.get("expires")
+    task, host = fields.get("task"), fields.get("host")
+    return Record(
+        state=_text(fields["state"]),
+        token=int(fields.get("token", 0)),
+        holder=_text(holder) if holder is not None else None,
+        outcome=outcome,
+        fence=int(fields.get("fence", 0)),
+        expires=int(expires) if expires is not None else None,
+        task=(_text(task) or None) if task is not None else None,
+        host=(_text(host) or None) if host is not None else None,
+    )
 
 
 def _counts(values: Sequence[int], size: int) -> list[int]:
@@ -224,6 +263,7 @@ class RecordStore:
         policy: str = "retry",
         payload: str = "",
         errors: int = 0,
+        host: str = "",
     ) -> AcquireResult:
         """Take the lease on ``key`` for task ``holder``, or report who has it or what it returned.
 
@@ -231,10 +271,11 @@ class RecordStore:
         this very call sent again is known as such); ``task`` names the counters,
         ``policy`` the conflict policy counted if the key is held; ``payload`` is
         checked against the record's (``idempotency_validate_payload``); ``errors``
-        counts the backend errors the delivery met before.
+        counts the backend errors the delivery met before; ``host`` names the worker
+        the holder runs on, kept in the record for operators.
         """
         reply = self._run(
-            _ACQUIRE, self._keys(key), holder, lease_ms, keep_ms, run, task, policy, payload, errors
+            _ACQUIRE, self._keys(key), holder, lease_ms, keep_ms, run, task, policy, payload, errors, host
         )
         kind = reply[0]
         if kind == 0:
@@ -355,6 +396,22 @@ class RecordStore:
         """
         return bool(self._run(_RELEASE, self._keys(key), "run", holder, keep_ms, run, task, 0, 0, 0))
 
+    def release_by_operator(
+        self, key: str, token: int, keep_ms: int, task: str = "", live: bool = False
+    ) -> int:
+        """Free a running key by hand, if it is still held under ``token`` (the token the operator saw).
+
+        Returns 1 when freed (or already free under ``token``), 0 when another run
+        acquired the key since or it is not running, and 2 when its lease is still
+        being renewed and ``live`` is False. A run whose live lease is freed cannot
+        record its outcome afterwards (its commit raises ``LeaseLost``).
+        """
+        return int(
+            self._run(
+                _RELEASE, self._keys(key), "operator", token, keep_ms, "1" if live else "", task, 0, 0, 0
+            )
+        )
+
     def withdraw(self, key: str, task_id: str, keep_ms: int) -> bool:
         """Remove the ``queued`` marker of ``task_id`` (its message could not be sent)."""
         return bool(self._run(_RELEASE, self._keys(key), "marker", task_id, keep_ms, "", "", 0, 0, 0))
@@ -382,16 +439,84 @@ class RecordStore:
         outcome = None
         if "result" in fields:
             outcome = Outcome(fields["result"], _text(fields["ctype"]), _text(fields["cenc"]))
-        holder = fields.get("holder")
-        expires = fields.get("expires")
-        return Record(
-            state=_text(fields["state"]),
-            token=int(fields.get("token", 0)),
-            holder=_text(holder) if holder is not None else None,
-            outcome=outcome,
-            fence=int(fields.get("fence", 0)),
-            expires=int(expires) if expires is not None else None,
+        return _record(fields, outcome)
+
+    def details(self, key: str) -> RecordDetails | None:
+        """Return the record of ``key`` with its TTL, lease left and step names (one script, ``inspect.lua``)."""
+        flat, ttl, steps, now = self._run(_INSPECT, [key, steps_key(key)])
+        fields = {_text(flat[i]): flat[i + 1] for i in range(0, len(flat), 2)}
+        if "state" not in fields:
+            return None
+        outcome = None
+        if "result" in fields:
+            outcome = Outcome(fields["result"], _text(fields["ctype"]), _text(fields["cenc"]))
+        record = _record(fields, outcome)
+        return RecordDetails(
+            key=key,
+            record=record,
+            ttl_ms=int(ttl) if int(ttl) >= 0 else None,
+            lease_left_ms=record.expires - int(now) if record.state == "running" and record.expires else None,
+            steps=tuple(sorted(_text(name) for name in steps)),
         )
+
+    def scan(self, prefix: str, batch: int = 1000) -> Iterator[tuple[int, list[tuple[str, Record]]]]:
+        """Every record under ``prefix``, by SCAN (never KEYS), in batches.
+
+        Yields ``(keys scanned, records)`` per batch: the records are read with one
+        pipelined ``HMGET`` per batch (without their outcomes), and the count of keys
+        scanned lets a caller show progress. On a cluster every primary is scanned.
+        A record may change or vanish while the scan runs; one that exists for the
+        whole scan is seen once or, rarely, twice (SCAN's own guarantee).
+        """
+        names = ("state", "token", "holder", "fence", "expires", "task", "host")
+        pending: list[str] = []
+
+        def read(keys: list[str]) -> list[tuple[str, Record]]:
+            pipe = self.client.pipeline(transaction=False)
+            for name in keys:
+                pipe.hmget(name, names)
+            found = []
+            for name, values in zip(keys, pipe.execute()):
+                fields = {field: value for field, value in zip(names, values) if value is not None}
+                if "state" in fields:
+                    found.append((name, _record(fields, None)))
+            return found
+
+        for name in self.client.scan_iter(match=record_pattern(prefix), count=batch):
+            pending.append(_text(name))
+            if len(pending) >= batch:
+                yield len(pending), read(pending)
+                pending = []
+        if pending:
+            yield len(pending), read(pending)
+
+    def purge(self, keys: Sequence[str], states: Sequence[str], task: str = "") -> int:
+        """Delete the records ``keys`` and their steps, each only if still in ``states`` (and of ``task``).
+
+        One pipelined round trip (one per node on a cluster); returns how many were deleted.
+        """
+        if not keys:
+            return 0
+        wanted = "," + ",".join(states) + ","
+        deleted = 0
+        pending = list(keys)
+        for _ in range(2):
+            pipe = self.client.pipeline(transaction=False)
+            for name in pending:
+                pipe.execute_command("EVALSHA", _PURGE.sha, 2, name, steps_key(name), wanted, task)
+            missing = []
+            for name, reply in zip(pending, pipe.execute(raise_on_error=False)):
+                if isinstance(reply, NoScriptError):
+                    missing.append(name)
+                elif isinstance(reply, Exception):
+                    raise reply
+                else:
+                    deleted += int(reply)
+            if not missing:
+                break
+            self.client.script_load(_PURGE.source)  # on a cluster: on every primary
+            pending = missing
+        return deleted
 
     def stats(self, prefix: str) -> dict[str, dict[str, int]]:
         """Every counter of the records under ``prefix``, summed over the shards, per task name."""

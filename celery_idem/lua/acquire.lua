@@ -5,7 +5,8 @@
 -- record exists), fence (see below), holder (task id of the run, or of the message
 -- a 'queued' marker stands for), run (id of the delivery holding it), expires (lease
 -- end, ms of server time), first ('1' when the holder's acquisition made the
--- record), payload (digests of the call's arguments, when validated), and, once
+-- record), task (the task's name) and host (the worker the holder runs on), both
+-- for operators (``celery idem show``, ``list --task``), payload (digests of the call's arguments, when validated), and, once
 -- finished, result / ctype / cenc (the encoded outcome). rrun / crun / erun /
 -- losttok remember what was last counted, so that a call repeated after a lost
 -- reply is not counted twice. The record's steps are a second hash beside it, and
@@ -26,6 +27,7 @@
 -- ARGV[6]  the conflict policy the caller applies if the key is busy (counted)
 -- ARGV[7]  the call's payload digests ('' when not validated)
 -- ARGV[8]  backend errors this delivery met before this call (counted once per run)
+-- ARGV[9]  host: the worker (node name) the holder runs on, for operators ('' if unknown)
 --
 -- Returns one of
 --   {0, token, taken_over, fence, first, steps}    ACQUIRED; taken_over is 1 when an expired
@@ -102,7 +104,7 @@ local fence = string.format('%.0f', math.max((tonumber(rec[8]) or 0) + 1, clock)
 local first = (state == nil or state == 'queued') and '1' or '0'
 local token = redis.call('HINCRBY', key, 'token', 1)
 redis.call('HSET', key, 'state', 'running', 'holder', ARGV[1], 'expires', now + lease, 'fence', fence,
-  'run', run, 'first', first)
+  'run', run, 'first', first, 'task', task, 'host', ARGV[9] or '')
 if ARGV[7] ~= '' then
   redis.call('HSET', key, 'payload', ARGV[7])
 end

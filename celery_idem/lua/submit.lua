@@ -42,9 +42,12 @@ if rec[1] and rec[1] ~= 'free' and rec[2] then
   return {1, rec[2]}
 end
 redis.call('HSET', key, 'state', 'queued', 'holder', ARGV[1])
+if task ~= '' then
+  redis.call('HSET', key, 'task', task)
+end
 if ARGV[2] ~= '' then
   redis.call('HSET', key, 'payload', ARGV[2])
 end
-redis.call('HDEL', key, 'run', 'expires', 'first')
+redis.call('HDEL', key, 'run', 'expires', 'first', 'host')
 redis.call('PEXPIRE', key, tonumber(ARGV[3]))
 return {0}
