@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -491,10 +492,12 @@ def test_a_step_costs_one_round_trip_when_it_runs_and_none_when_replayed(app: An
     sent: list[str] = []
 
     class Counting(Connection):
-        def send_command(self, *args: Any, **kwargs: Any) -> None:
-            if args[0] == "EVALSHA":  # each a round trip (a new connection's handshake aside)
-                sent.append(str(args[1]))
-            super().send_command(*args, **kwargs)
+        # Every request is written by send_packed_command (the store packs its own).
+        def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+            data = command if isinstance(command, bytes) else b"".join(command)
+            # each EVALSHA a round trip (a new connection's handshake aside)
+            sent.extend(sha.decode() for sha in re.findall(rb"\$7\r\nEVALSHA\r\n\$40\r\n(\w{40})", data))
+            super().send_packed_command(command, check_health)
 
     from celery_idem.store import _ACQUIRE, _COMMIT, _RELEASE, _STEP
 

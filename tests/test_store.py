@@ -87,6 +87,17 @@ def test_acquire_on_a_new_key_takes_the_lease_with_token_1(store: RecordStore) -
     assert acquired(store.acquire(key(), "a", LEASE, KEEP), 1, False)
 
 
+def test_only_the_acquisition_that_makes_the_record_is_first(store: RecordStore) -> None:
+    # "first" lets a transaction skip looking for an earlier run's step row.
+    claim = store.acquire(key(), "a", LEASE, KEEP)
+    assert isinstance(claim, Acquired) and claim.first
+    assert store.release(key(), claim.token, KEEP)
+    again = store.acquire(key(), "b", LEASE, KEEP)
+    assert isinstance(again, Acquired) and not again.first
+    taken = take_over(store, key("short"), "c") if store.acquire(key("short"), "x", SHORT, KEEP) else None
+    assert taken is not None and not taken.first
+
+
 def test_acquire_while_the_lease_is_live_returns_busy_with_holder_time_left_and_token(
     store: RecordStore,
 ) -> None:

@@ -101,7 +101,7 @@ if state == 'running' then
 end
 local clock = tonumber(time[1]) * 1000000 + tonumber(time[2])
 local fence = string.format('%.0f', math.max((tonumber(rec[8]) or 0) + 1, clock))
-local first = (state == nil or state == 'queued') and '1' or '0'
+local first = (not state or state == 'queued') and '1' or '0'
 local token = redis.call('HINCRBY', key, 'token', 1)
 redis.call('HSET', key, 'state', 'running', 'holder', ARGV[1], 'expires', now + lease, 'fence', fence,
   'run', run, 'first', first, 'task', task, 'host', ARGV[9] or '')
