@@ -90,6 +90,12 @@ class IdempotentTask(Task):  # type: ignore[misc]
     idempotency_database: ClassVar[Any] = None
     #: Run the whole body in one database transaction with its result (default False).
     idempotency_transaction: ClassVar[bool | None] = None
+    #: Refuse a key reused with other arguments (``IdempotencyPayloadMismatch``); None: by key strategy.
+    idempotency_validate_payload: ClassVar[bool | None] = None
+    #: ``apply_async`` publishes nothing when a record for the key exists (default False).
+    idempotency_dedupe_on_submit: ClassVar[bool | None] = None
+    #: Seconds a submit-side "queued" marker lives if its message is never run (default 3600).
+    idempotency_submit_ttl: ClassVar[float | None] = None
 
     _resolved_idempotency: ClassVar[IdempotencyConfig | None] = None
 
