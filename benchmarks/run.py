@@ -20,7 +20,7 @@ from types import FrameType, ModuleType
 
 import celery_idem
 
-from . import duplicates, effects, rabbitmq, redis_cost, renewal, throughput
+from . import duplicates, effects, rabbitmq, redis_cost, renewal, throughput, topologies
 from .docs import Section, write
 from .harness import ROOT, Options, Servers
 from .peers import REQUIREMENTS, missing
@@ -29,7 +29,16 @@ from .report import command_line, machine
 
 BENCHMARKS: dict[str, ModuleType] = {
     module.NAME: module
-    for module in (throughput, redis_cost, renewal, duplicates, peers_throughput, rabbitmq, effects)
+    for module in (
+        throughput,
+        redis_cost,
+        renewal,
+        duplicates,
+        peers_throughput,
+        rabbitmq,
+        effects,
+        topologies,
+    )
 }
 DEFAULT = ("throughput", "redis-cost", "renewal", "duplicates")
 

@@ -63,6 +63,8 @@ DEFAULTS: Mapping[str, Any] = MappingProxyType(
         "idempotency_validate_payload": None,
         "idempotency_dedupe_on_submit": False,
         "idempotency_submit_ttl": 3600,
+        "idempotency_min_replicas": 0,
+        "idempotency_min_replicas_timeout": 1.0,
     }
 )
 
@@ -120,6 +122,11 @@ class IdempotencyConfig:
     validate_payload: bool | None = None
     dedupe_on_submit: bool = False
     submit_ttl: float = 3600.0
+    #: Replicas that must acknowledge a commit (``WAIT``) before the message is
+    #: acknowledged; 0 sends no ``WAIT``.
+    min_replicas: int = 0
+    #: How long a commit waits for them, in seconds.
+    min_replicas_timeout: float = 1.0
     #: The signature of the task's ``run``, for the payload digests.
     signature: Any = None
 
@@ -138,6 +145,11 @@ class IdempotencyConfig:
             return self.validate_payload
         computed = material.startswith(("id:", "args:"))  # else a key given per call
         return self.key.validates_payload or not computed
+
+    @property
+    def min_replicas_timeout_ms(self) -> int:
+        """How long a commit waits for its replicas, in milliseconds (at least 1: ``WAIT 0`` never ends)."""
+        return max(1, int(self.min_replicas_timeout * 1000))
 
     @property
     def lease_ms(self) -> int:
@@ -209,6 +221,10 @@ def resolve(app: Celery, task_cls: type) -> IdempotencyConfig:
         validate_payload=validate,
         dedupe_on_submit=_flag(raw["idempotency_dedupe_on_submit"], "idempotency_dedupe_on_submit"),
         submit_ttl=_seconds(raw["idempotency_submit_ttl"], "idempotency_submit_ttl", minimum=0.001),
+        min_replicas=_count(raw["idempotency_min_replicas"], "idempotency_min_replicas"),
+        min_replicas_timeout=_seconds(
+            raw["idempotency_min_replicas_timeout"], "idempotency_min_replicas_timeout", minimum=0.001
+        ),
         signature=_run_signature(task_cls),
     )
 
@@ -327,6 +343,12 @@ def _seconds(value: Any, option: str, minimum: float) -> float:
 def _positive_int(value: Any, option: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ImproperlyConfigured(f"{option} must be a positive int; got {value!r}")
+    return value
+
+
+def _count(value: Any, option: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ImproperlyConfigured(f"{option} must be an int, 0 or more; got {value!r}")
     return value
 
 

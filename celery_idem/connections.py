@@ -455,6 +455,13 @@ def _parse_cluster(url: str, scheme: str, tls: bool, options: dict[str, Any]) ->
             raise ImproperlyConfigured(
                 f"{_OPTIONS} sets {name!r}; cluster nodes are reached over TCP, a unix socket cannot be one"
             )
+    if "connection_class" in options:
+        # RedisCluster hands it to each node's Redis(), which takes no such argument: the
+        # cluster would fail to connect with a TypeError.
+        raise ImproperlyConfigured(
+            f"{_OPTIONS} sets 'connection_class', which redis-py's RedisCluster cannot pass to its "
+            f"nodes; a {scheme}:// URL uses redis-py's own (SSL) connection class"
+        )
     nodes = tuple(_host_port(h.strip(), url, _DEFAULT_PORTS["cluster"]) for h in hosts.split(","))
     # RedisCluster passes on to its nodes only the arguments it knows; any other would be
     # dropped without a word, so it is refused here.

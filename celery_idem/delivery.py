@@ -289,6 +289,7 @@ def _run_holding(
 
 def _commit(task: IdempotentTask, run: Run, failed: bool, outcome: Outcome) -> None:
     lease = run.lease
+    config = task.resolved_idempotency
     renewer().drop(lease)
     # A short Redis outage (a restart, a failover) must not turn a finished run
     # into a re-run: keep trying for as long as the lease would last.
@@ -297,8 +298,16 @@ def _commit(task: IdempotentTask, run: Run, failed: bool, outcome: Outcome) -> N
     errors = 0
     while True:
         try:
-            lease.store.commit(
-                lease.key, lease.token, failed, outcome, lease.keep_ms, lease.task, (*run.counts(), errors)
+            replicas = lease.store.commit(
+                lease.key,
+                lease.token,
+                failed,
+                outcome,
+                lease.keep_ms,
+                lease.task,
+                (*run.counts(), errors),
+                config.min_replicas,
+                config.min_replicas_timeout_ms,
             )
         except LeaseLost:
             lease.settled = True
@@ -316,6 +325,18 @@ def _commit(task: IdempotentTask, run: Run, failed: bool, outcome: Outcome) -> N
             delay = min(delay * 2, 1.0)
         else:
             lease.settled = True
+            if replicas is not None and replicas < config.min_replicas:
+                # Recorded on the primary, which is what decides: a failover to a
+                # replica that missed it before it replicates runs the body again.
+                log_decision(
+                    30,
+                    "commit_not_replicated",
+                    lease.key,
+                    task.name,
+                    task.request.id,
+                    replicas=replicas,
+                    wanted=config.min_replicas,
+                )
             log_decision(
                 20,
                 "failure_recorded" if failed else "committed",

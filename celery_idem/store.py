@@ -1,7 +1,7 @@
 """The Redis record of each idempotency key: acquire, renew, commit, release, steps, submit, read.
 
 Every verb is one ``EVALSHA`` of a script in ``lua/`` (renewal of many leases is one
-pipelined round trip), and the scripts alone decide state and count what they
+pipelined round trip per node), and the scripts alone decide state and count what they
 decided: Python passes arguments and turns the reply into :class:`Acquired`,
 :class:`Finished`, :class:`Busy` or :class:`Mismatch`. Every mutation is
 owner-checked by fencing token, so a run that lost its lease can neither renew,
@@ -26,7 +26,7 @@ import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any, Union
+from typing import Any, Callable, TypeVar, Union
 
 import redis
 import redis.cluster
@@ -85,6 +85,9 @@ COUNTERS: Mapping[str, str] = {
     "deduplicated_on_submit": "calls not sent because a record of their key existed",
     "freed_by_operator": "keys freed by hand (celery idem release)",
 }
+
+
+_T = TypeVar("_T")
 
 
 class _Script:
@@ -302,35 +305,52 @@ class RecordStore:
 
         ``leases`` holds ``(key, token, lease_ms, keep_ms[, task])`` tuples; the
         answer says, for each, whether the caller still held it.
+
+        The store pipelines the scripts itself, per node, on its own connections:
+        redis-py's cluster pipeline refuses ``evalsha`` and, given ``EVALSHA``
+        through ``execute_command``, asks a node ``COMMAND GETKEYS`` for every one
+        of them to find its slot, a round trip per lease. Here the slot of each key
+        is computed locally, and every node gets all its leases in one write. A node
+        that lacks the script gets it loaded and the missing renewals sent again; a
+        lease whose slot moved (a failover) is sent to its new owner once the slot
+        map was read again.
         """
         if not leases:
             return []
+        renewed: list[bool] = [False] * len(leases)
         pending = list(range(len(leases)))
-        renewed: list[Any] = [None] * len(leases)
-        for _ in range(2):
-            pipe = self.client.pipeline(transaction=False)
+        for attempt in range(2):
+            by_node: dict[str, tuple[Any, list[int]]] = {}
             for i in pending:
-                key, token, lease_ms, keep_ms, *named = leases[i]
-                task = named[0] if named else ""
-                # execute_command, not evalsha: a cluster pipeline refuses EVALSHA by
-                # name, and routes this by the slot of its first key.
-                pipe.execute_command(
-                    "EVALSHA", _RENEW.sha, 3, *self._keys(key), token, lease_ms, keep_ms, task
-                )
-            replies = pipe.execute(raise_on_error=False)
-            missing = []
-            for i, reply in zip(pending, replies):
-                if isinstance(reply, NoScriptError):
-                    missing.append(i)
-                elif isinstance(reply, Exception):
-                    raise reply
-                else:
-                    renewed[i] = bool(reply)
-            if not missing:
-                break
-            self.client.script_load(_RENEW.source)  # on a cluster: on every primary
-            pending = missing
-        return [bool(r) for r in renewed]
+                node, pool = self._node(leases[i][0])
+                by_node.setdefault(node, (pool, []))[1].append(i)
+            moved = []
+            for node, (pool, indices) in by_node.items():
+                commands = [self._renew_command(leases[i]) for i in indices]
+                for i, reply in zip(indices, self._pipeline(node, pool, _RENEW, commands)):
+                    if isinstance(reply, (redis.exceptions.MovedError, redis.exceptions.AskError)):
+                        moved.append(i)
+                    elif isinstance(reply, Exception):
+                        raise reply
+                    else:
+                        renewed[i] = bool(reply)
+            if not moved:
+                return renewed
+            if attempt == 0:
+                self.client.nodes_manager.initialize()
+            pending = moved
+        for i in pending:  # nodes that still disagree: redis-py's client follows the redirects
+            key, token, lease_ms, keep_ms, *named = leases[i]
+            task = named[0] if named else ""
+            renewed[i] = bool(
+                self._cluster_command(_RENEW, self._keys(key), (token, lease_ms, keep_ms, task))
+            )
+        return renewed
+
+    def _renew_command(self, lease: tuple[Any, ...]) -> bytes:
+        key, token, lease_ms, keep_ms, *named = lease
+        task = named[0] if named else ""
+        return _pack(("EVALSHA", _RENEW.sha, 3, *self._keys(key), token, lease_ms, keep_ms, task))
 
     def commit(
         self,
@@ -341,29 +361,42 @@ class RecordStore:
         keep_ms: int,
         task: str = "",
         counts: Sequence[int] = (),
-    ) -> None:
+        min_replicas: int = 0,
+        replicas_timeout_ms: int = 1000,
+    ) -> int | None:
         """Record the outcome of the run holding ``token``.
 
         ``counts`` are the run's steps replayed, transactions run, transactions
         replayed and earlier commit attempts that met a backend error, counted with
         the outcome. Raises :class:`~celery_idem.errors.LeaseLost` when another run
         holds or finished the key: the record is left as that run made it.
+
+        With ``min_replicas`` (``idempotency_min_replicas``), ``WAIT min_replicas
+        replicas_timeout_ms`` follows the script on the same connection, in the same
+        write, and the answer is how many replicas acknowledged the commit within the
+        timeout (it may be fewer: the commit stands on the primary either way);
+        without, None.
         """
         state = "failed" if failed else "done"
-        reply = self._run(
+        wait = (min_replicas, replicas_timeout_ms) if min_replicas > 0 else None
+        reply, acknowledged = self._run_waiting(
             _COMMIT,
             self._keys(key),
-            token,
-            state,
-            outcome.data,
-            outcome.content_type,
-            outcome.content_encoding,
-            keep_ms,
-            task,
-            *_counts(counts, 4),
+            (
+                token,
+                state,
+                outcome.data,
+                outcome.content_type,
+                outcome.content_encoding,
+                keep_ms,
+                task,
+                *_counts(counts, 4),
+            ),
+            wait,
         )
         if reply[0] != 1:
             raise LeaseLost(key, token, _text(reply[1]), int(reply[2]))
+        return acknowledged
 
     def store_step(self, key: str, token: int, name: str, value: bytes, task: str = "") -> None:
         """Store the value of step ``name`` of the run holding ``token``.
@@ -559,56 +592,127 @@ class RecordStore:
         (after a failover or a resharding) makes the store read the slot map again
         and send it to the new owner.
         """
+        return self._run_waiting(script, keys, args, None)[0]
+
+    def _run_waiting(
+        self, script: _Script, keys: Sequence[str], args: Sequence[Any], wait: tuple[int, int] | None
+    ) -> tuple[Any, int | None]:
+        """:meth:`_run`, followed by ``WAIT replicas timeout_ms`` on the same connection if ``wait``.
+
+        Returns the script's reply and the number of replicas ``WAIT`` counted (None
+        without ``wait``). The one path that cannot wait is a cluster whose nodes
+        disagree on a slot's owner (a slot being migrated, or a failover not yet known
+        to every node): redis-py's cluster client runs the script, following the
+        redirects, and the answer is 0 replicas.
+        """
         if self._pid != os.getpid():  # a forked child: the parent's sockets are not ours
             self._idle, self._pid = {}, os.getpid()
         try:
-            return self._send(script, keys, args)
-        except (redis.exceptions.MovedError, redis.exceptions.AskError):
-            # The slot moved: read the slot map again, and go to its new owner
-            # (redis-py's cluster client follows an ASK redirect itself).
+            return self._send(script, keys, args, wait)
+        except redis.exceptions.MovedError:
+            if not self._cluster:
+                raise
+            # The slot moved (a failover, a resharding): read the slot map again and
+            # send the script to the slot's new owner, as a cluster client would.
             self.client.nodes_manager.initialize()
-            if isinstance(self.client, redis.cluster.RedisCluster):
-                return self._cluster_command(script, keys, args)
-            raise
+            try:
+                return self._send(script, keys, args, wait)
+            except (redis.exceptions.MovedError, redis.exceptions.AskError):
+                pass  # the nodes do not agree yet: redis-py's client retries and follows
+        except redis.exceptions.AskError:
+            if not self._cluster:
+                raise
+        return self._cluster_command(script, keys, args), (0 if wait else None)
 
-    def _send(self, script: _Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
+    def _send(
+        self, script: _Script, keys: Sequence[str], args: Sequence[Any], wait: tuple[int, int] | None
+    ) -> tuple[Any, int | None]:
         node, pool = self._node(keys[0])
-        idle = self._idle.setdefault(node, [])
-        try:
-            connection = idle.pop()
-        except IndexError:
-            connection = pool.make_connection()
-
         command = _pack(("EVALSHA", script.sha, len(keys), *keys, *args))
+        if wait is not None:
+            # WAIT counts the replicas that have this connection's writes so far: it
+            # must follow the script on the same connection, and may share its write.
+            command += _pack(("WAIT", *wait))
 
-        def call() -> Any:
+        def exchange(connection: Any) -> tuple[Any, int | None]:
             connection.send_packed_command([command], False)
             try:
-                return connection.read_response()
+                reply: Any = connection.read_response()
+            except redis.exceptions.ResponseError as exc:
+                reply = exc  # the WAIT's reply follows it and must be read too
+            replicas = int(connection.read_response()) if wait is not None else None
+            if isinstance(reply, Exception):
+                raise reply
+            return reply, replicas
+
+        def call(connection: Any) -> tuple[Any, int | None]:
+            try:
+                return exchange(connection)
             except NoScriptError:
                 # A server restarted without its scripts, or a replica promoted in a
                 # failover (Redis does not replicate SCRIPT LOAD): load and send again.
                 connection.send_command("SCRIPT", "LOAD", script.source)
                 connection.read_response()
-                connection.send_packed_command([command], False)
-                return connection.read_response()
+                return exchange(connection)
 
+        return self._on_connection(node, pool, call)
+
+    def _pipeline(self, node: str, pool: Any, script: _Script, commands: list[bytes]) -> list[Any]:
+        """Send ``commands`` (EVALSHA of ``script``) in one write; their replies, errors as values."""
+
+        def exchange(connection: Any, batch: list[bytes]) -> list[Any]:
+            connection.send_packed_command([b"".join(batch)], False)
+            replies: list[Any] = []
+            for _ in batch:
+                try:
+                    replies.append(connection.read_response())
+                except redis.exceptions.ResponseError as exc:
+                    replies.append(exc)
+            return replies
+
+        def call(connection: Any) -> list[Any]:
+            replies = exchange(connection, commands)
+            missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+            if missing:
+                connection.send_command("SCRIPT", "LOAD", script.source)
+                connection.read_response()
+                for i, reply in zip(missing, exchange(connection, [commands[i] for i in missing])):
+                    replies[i] = reply
+            return replies
+
+        return self._on_connection(node, pool, call)
+
+    def _on_connection(self, node: str, pool: Any, call: Callable[[Any], _T]) -> _T:
+        """``call(connection)`` on an idle connection of ``node``, once more on a new one if it was cut."""
+        idle = self._idle.setdefault(node, [])
+        # Every idle connection is connected: a connection is connected by connect()
+        # before its first use and again after a disconnect, never lazily by the send.
+        # redis-py 8's send_packed_command connects a Sentinel-managed connection
+        # without asking the sentinels, to the default localhost:6379.
+        connection = idle.pop() if idle else None
+        fresh = connection is None
+        if connection is None:
+            connection = pool.make_connection()
         try:
             try:
-                return call()
+                if fresh:
+                    connection.connect()
+                result = call(connection)
             except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
                 connection.disconnect()
-                return call()
+                connection.connect()
+                result = call(connection)
         except redis.exceptions.ResponseError:
-            raise  # an error reply, read whole: the connection is in step
+            idle.append(connection)  # an error reply, read whole: the connection is in step
+            raise
         except BaseException:
             # Whatever cut the call off (also an exception raised by a signal handler,
             # a soft time limit, between sending and reading), its reply must not be
             # left for the next call to read.
             connection.disconnect()
             raise
-        finally:
-            idle.append(connection)
+        idle.append(connection)
+        return result
 
     def _cluster_command(self, script: _Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
         try:

@@ -137,6 +137,18 @@ def test_the_fetch_script_is_reloaded_after_a_script_flush(redis_url, events):
     assert receive_one(redis_url, transport) == {"n": 2}
 
 
+def test_basic_get_reloads_the_fetch_script_after_a_script_flush(redis_url, events):
+    publish(redis_url, {"n": 1}, {"n": 2})
+    with Connection(redis_url, transport="celery_idem.broker:Transport") as connection:
+        channel = connection.channel()
+        channel.basic_get("jobs").ack()
+        redis.Redis.from_url(redis_url).script_flush()
+        message = channel.basic_get("jobs")
+        assert message.payload == {"n": 2}
+        assert events.hlen("unacked") == 1  # fetched by the script, recorded as unacknowledged
+        message.ack()
+
+
 @pytest.mark.parametrize(
     ("conf", "expected"),
     [

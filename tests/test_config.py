@@ -99,6 +99,8 @@ OPTIONS: dict[str, tuple[str, Any, Any, Any, Any]] = {
     "idempotency_worker_expiry": ("worker_expiry", False, False, True, bool),
     "idempotency_dedupe_on_submit": ("dedupe_on_submit", True, True, False, bool),
     "idempotency_submit_ttl": ("submit_ttl", 5, 7, 3600, float),
+    "idempotency_min_replicas": ("min_replicas", 1, 2, 0, int),
+    "idempotency_min_replicas_timeout": ("min_replicas_timeout", 0.5, 2, 1.0, float),
     "idempotency_validate_payload": ("validate_payload", False, False, None, lambda v: v),
     "idempotency_database_url": (
         "database",
@@ -305,6 +307,14 @@ INVALID = [
         for value in [0, -1, 1.5, 1024.0, True, "1024"]
     ),
     *(
+        pytest.param("idempotency_min_replicas", value, id=f"min_replicas={value!r}")
+        for value in [-1, 1.0, True, "1", None.__class__]
+    ),
+    *(
+        pytest.param("idempotency_min_replicas_timeout", value, id=f"min_replicas_timeout={value!r}")
+        for value in [0, -1, "1", float("inf")]
+    ),
+    *(
         pytest.param("idempotency_key_prefix", value, id=f"key_prefix={value!r}")
         for value in ["", "a{b}", "{", "x}", 5]
     ),
@@ -364,6 +374,8 @@ def test_key_naming_missing_argument_names_it() -> None:
         ("idempotency_wait_timeout", 0),
         ("idempotency_result_ttl", 0.5),
         ("idempotency_max_result_bytes", 1),
+        ("idempotency_min_replicas", 0),
+        ("idempotency_min_replicas_timeout", 0.001),
         ("idempotency_redis_options", {"decode_responses": False, "socket_timeout": 5}),
         ("idempotency_key_prefix", "my-app:idem"),
     ],

@@ -155,6 +155,11 @@ def test_cluster_takes_redis_cluster_arguments() -> None:
     assert options["require_full_coverage"] is False
 
 
+def test_cluster_refuses_a_connection_class_its_nodes_could_not_take() -> None:
+    with pytest.raises(ImproperlyConfigured, match="connection_class"):
+        parse("redis+cluster://n1:7000", {"connection_class": redis.Connection})
+
+
 def test_a_setting_given_alike_in_the_url_and_the_options_is_accepted() -> None:
     target = parse(f"rediss://h/0?ssl_ca_certs={CA}", {"ssl_ca_certs": CA})
     assert target.client_options["ssl_ca_certs"] == CA
