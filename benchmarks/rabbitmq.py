@@ -90,8 +90,9 @@ def run(options: Options, servers: Servers) -> list[Table]:
     tables = []
     try:
         for pool, processes, end_to_end in MODES:
-            # Stock workers only in the first table: they show the stall, which the rest leave out.
-            variants = fixed + stock if not tables else fixed
+            # Stock workers only in the first table of a full run: they show the stall
+            # (up to 10 s a run), which the rest leave out.
+            variants = fixed + stock if not tables and not options.quick else fixed
             what = "published while the worker runs" if end_to_end else "pre-queued"
             worker = "solo worker" if pool == "solo" else f"prefork worker, {processes} processes"
             print(f"{TITLE}: {len(variants)} variants x {runs} runs x {count:,} tasks, {worker}, {what}")

@@ -173,7 +173,7 @@ def drain(
         raise RuntimeError(f"{task}: expected {count} deliveries, the worker reported {report['deliveries']}")
     if report["celery_idem_loaded"] != ("idem" in groups or bool(transport)):
         raise RuntimeError(
-            f"{task}: the worker {'did' if report['celery_idem_loaded'] else 'did not'} import celery_idem"
+            f"{task}: the worker {'did' if report['celery_idem_loaded'] else 'did not'} use celery_idem (its worker hooks or its transport)"
         )
     return Drain(
         report, count, command_delta(before[0], after[0]), command_delta(before[1], after[1]), published

@@ -11,8 +11,12 @@ and drains by real workers with no gap between consecutive tasks.
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -111,3 +115,20 @@ def test_a_drain_has_no_stall_between_tasks(
     drained = events.blpop(["ticks:drained"], timeout=120)
     assert drained is not None, f"{events.get('ticks:count')} of {count} tasks ran within 120 s"
     assert largest_gap(events) < STALL
+
+
+def test_an_idle_solo_worker_stops_at_once_on_sigterm(broker_conf, start_worker, producer, events):
+    # A signal does not end kombu's poll (Python retries it), so Celery's handler
+    # was seen only when the poll returned: an idle worker took 10 s to stop.
+    app = producer(broker_conf)
+    app.tasks["t.tick"].delay(1)
+    worker = start_worker(broker_conf, pool="solo", concurrency=1)
+    assert events.blpop(["ticks:drained"], timeout=60) is not None
+    assert worker.process is not None
+    signalled = time.monotonic()
+    os.kill(worker.process.pid, signal.SIGTERM)
+    try:
+        worker.process.wait(STALL)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the worker was still running {STALL} s after SIGTERM")
+    assert time.monotonic() - signalled < STALL
