@@ -55,5 +55,7 @@ def test_tiny_rabbitmq_run_prints_its_table() -> None:
             pytest.fail(f"RabbitMQ is not reachable at {AMQP_URL} and CI is set: {problem}")
         pytest.skip(f"RabbitMQ is not reachable at {AMQP_URL}: {problem}")
     out = run_benchmarks("--quick", "--only", "rabbitmq", "--tasks", "20", "--runs", "1")
-    assert "Throughput on RabbitMQ, ignore_result=True" in out
+    for how in ("drain of pre-queued tasks", "end to end: publish and drain"):
+        for worker in ("solo worker", "prefork worker, 2 processes"):
+            assert f"Throughput on RabbitMQ, {how}, ignore_result=True (20 tasks, {worker})" in out
     assert "`IdempotentTask`, key = task id" in out
