@@ -24,7 +24,7 @@ from typing import Any
 from celery import Celery
 from kombu.utils.uuid import uuid
 
-import celery_idem.task
+import celery_idem.delivery
 from celery_idem import IdempotentTask
 from celery_idem.lease import Lease, renewer, reset_renewer
 from celery_idem.store import reset_stores
@@ -120,9 +120,9 @@ class _NoRenewal:
 
 @contextlib.contextmanager
 def _without_renewal() -> Iterator[None]:
-    # An experiment, not a configuration: celery_idem.task asks lease.renewer()
+    # An experiment, not a configuration: celery_idem.delivery asks lease.renewer()
     # for the renewal thread on every run.
-    namespace = vars(celery_idem.task)
+    namespace = vars(celery_idem.delivery)
     original = namespace["renewer"]
     namespace["renewer"] = _NoRenewal
     try:
@@ -186,7 +186,7 @@ def per_task_cost(servers: Servers, block: int, blocks: int) -> Table:
         f"{median(differences):,.0f} (quartiles {differences[quarter]:,.0f} to {differences[-quarter - 1]:,.0f})",
     )
     table.notes.append(
-        "the experiment replaces `celery_idem.task.renewer` by an object whose hold and drop do nothing; "
+        "the experiment replaces `celery_idem.delivery.renewer` by an object whose hold and drop do nothing; "
         "the tasks run no body and renew nothing either way, so the difference is the thread's wake-ups "
         "and its locking"
     )
