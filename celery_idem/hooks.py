@@ -92,7 +92,7 @@ def validate_on_worker_start(sender: Any = None, **kwargs: Any) -> None:
 
 
 class ReportFetch(bootsteps.StartStopStep):  # type: ignore[misc]
-    """Logs which fetch the worker's Redis broker uses, once the worker logs anything.
+    """Logs which fetch the worker's Redis broker uses, once the worker's logging is set up.
 
     The choice is made in ``worker_init``, before the consumer connects, but the
     ``celery worker`` command configures logging after that signal: a line logged
