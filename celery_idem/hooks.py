@@ -14,9 +14,10 @@ import time: a process that only sends tasks never loads them.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
-from celery import signals
+from celery import bootsteps, signals
 from celery.utils.log import get_logger
 
 from .config import atomic_fetch_transport, check_app_settings, check_connection, resolve
@@ -24,7 +25,7 @@ from .errors import ImproperlyConfigured, describe_error
 from .eventloop import ReadyAwarePoll
 from .task import WITHOUT_BROKER_TTL, IdempotentTask
 
-__all__ = ["drop_broker_ttl", "reset_after_fork", "validate_on_worker_start"]
+__all__ = ["ReportFetch", "drop_broker_ttl", "reset_after_fork", "validate_on_worker_start"]
 
 logger = get_logger(__name__)
 
@@ -73,18 +74,37 @@ def validate_on_worker_start(sender: Any = None, **kwargs: Any) -> None:
         # Report a dead pool process's tasks after 1 s, not 10: their messages come
         # back sooner, and celery_idem has freed their keys already.
         sender.worker_lost_wait = WORKER_LOST_WAIT
+    sender.celery_idem_fetch = None
     if transport is not None:
         reason = _transport_fallback_reason()
         if reason is None:
             # Before the consumer connects: every connection it opens uses this transport.
             app.conf.broker_transport = transport
-            logger.info("celery-idem: fetching messages with %s", transport)
+            sender.celery_idem_fetch = (logging.INFO, "celery-idem: fetching messages with %s", (transport,))
         else:
-            logger.warning(
+            sender.celery_idem_fetch = (
+                logging.WARNING,
                 "celery-idem: fetching messages with kombu's own Redis transport: %s; "
                 "a worker killed while fetching can lose a message",
-                reason,
+                (reason,),
             )
+        app.steps["worker"].add(ReportFetch)
+
+
+class ReportFetch(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Logs which fetch the worker's Redis broker uses, once the worker's logging is set up.
+
+    The choice is made in ``worker_init``, before the consumer connects, but the
+    ``celery worker`` command configures logging after that signal: a line logged
+    there reaches no handler. Worker steps start after logging is set up.
+    """
+
+    def start(self, worker: Any) -> None:
+        # None for a later worker of the same app whose broker is not Redis.
+        report = getattr(worker, "celery_idem_fetch", None)
+        if report is not None:
+            level, message, args = report
+            logger.log(level, message, *args)
 
 
 def _transport_fallback_reason() -> str | None:

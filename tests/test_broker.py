@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import multiprocessing
+import socket
 
 import pytest
 import redis
 from celery import Celery
 from kombu import Connection, Consumer, Exchange, Producer, Queue
 
-from celery_idem.broker import Transport
+from celery_idem.broker import TESTED_KOMBU, Transport, fallback_reason
 from celery_idem.config import atomic_fetch_transport
 
 QUEUE = Queue("jobs", Exchange("jobs"), "jobs")
@@ -62,7 +63,7 @@ def receive_one(url: str, transport: str | None) -> dict | None:
         ):
             try:
                 connection.drain_events(timeout=5)
-            except TimeoutError:
+            except socket.timeout:  # TimeoutError from Python 3.10, a subclass of OSError before
                 pass
     return received[0] if received else None
 
@@ -112,7 +113,7 @@ def test_an_idle_consumer_wakes_up_for_a_new_message(redis_url, events):
         with Consumer(
             connection, [QUEUE], callbacks=[lambda body, message: (received.append(body), message.ack())]
         ):
-            with pytest.raises(TimeoutError):
+            with pytest.raises(socket.timeout):
                 connection.drain_events(timeout=0.5)  # nothing there: it waits
             publish(redis_url, {"n": "late"})
             connection.drain_events(timeout=5)
@@ -164,6 +165,105 @@ def test_workers_of_redis_broker_apps_use_the_atomic_fetch_unless_told_otherwise
     app = Celery("b", set_as_current=False)
     app.conf.update(conf)
     assert atomic_fetch_transport(app) == expected
+
+
+def test_every_kombu_minor_in_the_tested_range_uses_the_transport():
+    first, last = TESTED_KOMBU
+    for minor in range(first[1], last[1] + 1):
+        assert fallback_reason(f"{first[0]}.{minor}.0") is None
+    assert fallback_reason() is None  # the installed kombu
+
+
+@pytest.mark.parametrize(
+    ("version", "says"),
+    [
+        (
+            "5.8.0",
+            "kombu 5.8.0 is outside the versions celery_idem's broker transport was tested with (5.3 to 5.7)",
+        ),
+        ("5.2.4", "kombu 5.2.4 is outside the versions"),
+        ("6.0.0", "kombu 6.0.0 is outside the versions"),
+        ("main", "kombu main is not a release version"),
+    ],
+)
+def test_a_kombu_outside_the_tested_range_keeps_kombus_fetch_and_says_why(version, says):
+    reason = fallback_reason(version)
+    assert reason is not None and reason.startswith(says)
+
+
+def test_a_kombu_channel_without_a_method_the_transport_extends_keeps_kombus_fetch():
+    from kombu.transport import redis as kombu_redis
+
+    # Kombu's channel as a later kombu might have it: one private method renamed.
+    renamed = type(
+        "Channel", (), {name: getattr(kombu_redis.Channel, name) for name in dir(kombu_redis.Channel)}
+    )
+    del renamed._brpop_read
+    assert fallback_reason("5.7.0", renamed) == "kombu 5.7.0's Redis channel has no _brpop_read"
+
+
+def fetch_lines(log: str) -> tuple[list[str], list[str]]:
+    """The worker's lines saying how it fetches: (INFO lines, WARNING lines)."""
+    said = [line for line in log.splitlines() if "celery-idem: fetching messages with" in line]
+    return [line for line in said if "INFO/" in line], [line for line in said if "WARNING/" in line]
+
+
+def held_task(app, events, label):
+    """Send a task whose body holds its message until :func:`finish_and_replay` opens its gate."""
+    from tests.helpers import next_report
+
+    result = app.tasks["t.by_id"].apply_async((label,), {"hold": "gate"}, task_id=f"id-{label}")
+    next_report(events, "started", label)
+    return result
+
+
+def finish_and_replay(app, events, label, result):
+    """Let the held task finish, then deliver it again: the duplicate returns the first run's result."""
+    from tests.helpers import runs
+
+    events.rpush(f"gate:{label}", "open")
+    report = result.get(timeout=60)
+    assert app.tasks["t.by_id"].apply_async((label,), task_id=f"id-{label}").get(timeout=60) == report
+    assert runs(events, label) == 1
+
+
+def test_a_worker_with_a_tested_kombu_fetches_through_the_atomic_transport(
+    start_worker, producer, worker_conf, events
+):
+    worker = start_worker(worker_conf)
+    app = producer()
+    broker = redis.Redis.from_url(worker_conf["broker_url"])
+    result = held_task(app, events, "tested")
+    assert broker.hlen("celery_idem.unacked_owners") == 1  # recorded by fetch.lua
+    assert broker.keys("celery_idem.consumer.*")  # the consumer's heartbeat
+    finish_and_replay(app, events, "tested", result)
+    infos, warnings = fetch_lines(worker.log())
+    assert len(infos) == 1 and infos[0].endswith(
+        "celery-idem: fetching messages with celery_idem.broker:Transport"
+    )
+    assert warnings == []
+
+
+def test_a_worker_with_an_untested_kombu_keeps_kombus_fetch_with_one_warning_and_stays_idempotent(
+    start_worker, producer, worker_conf, events
+):
+    from tests.kombu_next_minor_app import NEXT_MINOR
+
+    worker = start_worker(worker_conf, app="tests.kombu_next_minor_app")
+    app = producer()
+    broker = redis.Redis.from_url(worker_conf["broker_url"])
+    result = held_task(app, events, "untested")
+    assert broker.hlen("unacked") == 1  # kombu's own bookkeeping of the message
+    assert broker.hlen("celery_idem.unacked_owners") == 0
+    assert broker.keys("celery_idem.consumer.*") == []
+    finish_and_replay(app, events, "untested", result)
+    infos, warnings = fetch_lines(worker.log())
+    assert infos == []
+    assert len(warnings) == 1
+    assert warnings[0].endswith(
+        f"celery-idem: fetching messages with kombu's own Redis transport: {fallback_reason(NEXT_MINOR)}; "
+        "a worker killed while fetching can lose a message"
+    )
 
 
 def test_a_killed_workers_messages_come_back_without_waiting_for_the_visibility_timeout(
