@@ -112,6 +112,26 @@ def _json_option(command: _F) -> _F:
     )(command)
 
 
+def _filter_options(state_help: str) -> Callable[[_F], _F]:
+    """The ``--state`` and ``--task`` filters of ``list`` and ``purge``."""
+
+    def decorate(command: _F) -> _F:
+        command = click.option(
+            "--task", "task_name", cls=CeleryOption, help_group="Filters", help="Only records of this task."
+        )(command)
+        return click.option(
+            "--state",
+            "states",
+            cls=CeleryOption,
+            type=_STATE,
+            multiple=True,
+            help_group="Filters",
+            help=state_help,
+        )(command)
+
+    return decorate
+
+
 @click.group(name="idem")
 def idem() -> None:
     """Inspect, free, purge and count celery-idem's idempotency records."""
@@ -338,18 +358,7 @@ def _matching(
 
 
 @idem.command(name="list", cls=CeleryCommand)
-@click.option(
-    "--state",
-    "states",
-    cls=CeleryOption,
-    type=_STATE,
-    multiple=True,
-    help_group="Filters",
-    help="Only records in this state (repeat for several).",
-)
-@click.option(
-    "--task", "task_name", cls=CeleryOption, help_group="Filters", help="Only records of this task."
-)
+@_filter_options("Only records in this state (repeat for several).")
 @click.option(
     "--limit",
     cls=CeleryOption,
@@ -460,18 +469,7 @@ def release(ctx: click.Context, key: str, force: bool, **kwargs: Any) -> None:
 
 
 @idem.command(cls=CeleryCommand)
-@click.option(
-    "--task", "task_name", cls=CeleryOption, help_group="Filters", help="Only records of this task."
-)
-@click.option(
-    "--state",
-    "states",
-    cls=CeleryOption,
-    type=_STATE,
-    multiple=True,
-    help_group="Filters",
-    help="Only records in this state (repeat; default all but running).",
-)
+@_filter_options("Only records in this state (repeat; default all but running).")
 @click.option(
     "-f", "--force", cls=CeleryOption, is_flag=True, help_group="Purging Options", help="Don't prompt."
 )
