@@ -130,6 +130,8 @@ class QoS(kombu_redis.QoS):
     """
 
     def append(self, message: Any, delivery_tag: str) -> None:
+        """Track a delivered message; one the fetch script recorded as unacked already is
+        not written to Redis again."""
         recorded = self.channel._recorded
         if delivery_tag in recorded:
             recorded.discard(delivery_tag)
@@ -184,11 +186,13 @@ class Channel(kombu_redis.Channel):
         yield self._shared_client
 
     def basic_consume(self, queue: str, *args: Any, **kwargs: Any) -> Any:
+        """Kombu's, noting queues consumed without acknowledgement (they keep kombu's fetch)."""
         if kwargs.get("no_ack", args[0] if args else False):
             self._no_ack_queues.add(queue)
         return super().basic_consume(queue, *args, **kwargs)
 
     def basic_get(self, queue: str, no_ack: bool = False, **kwargs: Any) -> Any:
+        """Kombu's single-message get, fetching atomically unless ``no_ack``."""
         self._get_no_ack = no_ack
         try:
             return super().basic_get(queue, no_ack=no_ack, **kwargs)
@@ -330,6 +334,8 @@ class Transport(kombu_redis.Transport):
     dead_consumer_timeout: float | None = None
 
     def register_with_event_loop(self, connection: Any, loop: Any) -> None:
+        """Kombu's, plus a timer that beats for this worker's consumers and restores the
+        messages of consumers whose heartbeat is ``dead_consumer_timeout`` old."""
         super().register_with_event_loop(connection, loop)
         cycle: Any = self.cycle
         old = getattr(cycle, "_celery_idem_tref", None)

@@ -100,6 +100,7 @@ class ReportFetch(bootsteps.StartStopStep):  # type: ignore[misc]
     """
 
     def start(self, worker: Any) -> None:
+        """Log the fetch chosen at ``worker_init``, if the broker is Redis."""
         # None for a later worker of the same app whose broker is not Redis.
         report = getattr(worker, "celery_idem_fetch", None)
         if report is not None:

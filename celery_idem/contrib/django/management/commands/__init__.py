@@ -1,0 +1,1 @@
+"""``manage.py celery_idem_purge_steps``."""
