@@ -90,21 +90,29 @@ COUNTERS: Mapping[str, str] = {
 _T = TypeVar("_T")
 
 
-class _Script:
-    """A Lua script from the package, run by SHA and loaded only when Redis lacks it."""
+def _lua(name: str) -> str:
+    return resources.files(__package__).joinpath("lua", f"{name}.lua").read_text()
 
-    def __init__(self, name: str) -> None:
+
+class _Script:
+    """A Lua script from the package, run by SHA and loaded only when Redis lacks it.
+
+    ``uses`` names the package's Lua files of shared functions the script calls; their
+    text comes first in the script Redis loads.
+    """
+
+    def __init__(self, name: str, uses: Sequence[str] = ()) -> None:
         self.name = name
-        self.source = resources.files(__package__).joinpath("lua", f"{name}.lua").read_text()
+        self.source = "".join(_lua(part) + "\n" for part in uses) + _lua(name)
         self.sha = hashlib.sha1(self.source.encode()).hexdigest()
 
 
-_ACQUIRE = _Script("acquire")
+_ACQUIRE = _Script("acquire", uses=("payload",))
 _RENEW = _Script("renew")
 _COMMIT = _Script("commit")
 _RELEASE = _Script("release")
 _STEP = _Script("step")
-_SUBMIT = _Script("submit")
+_SUBMIT = _Script("submit", uses=("payload",))
 _PURGE = _Script("purge")
 _INSPECT = _Script("inspect")
 

@@ -46,10 +46,21 @@ RESULT = Outcome(b'{"answer":42}', "application/json", "utf-8")
 #: Not text in any encoding: the store must hand the bytes back untouched.
 BINARY = Outcome(b"\x80\x00\xff\xfe binary", "application/x-python-serialize", "binary")
 FAILURE = Outcome(b'{"exc_type":"ValueError","exc_message":["bad"]}', "application/json", "utf-8")
-#: SHA1 of each script, as Redis knows it.
+#: SHA1 of each script, as Redis knows it: acquire.lua comes after payload.lua, whose
+#: function it calls.
+_LUA = files("celery_idem") / "lua"
 SCRIPTS = {
-    name: hashlib.sha1((files("celery_idem") / "lua" / f"{name}.lua").read_bytes()).hexdigest()
-    for name in ("acquire", "commit", "release", "renew", "step")
+    name: hashlib.sha1(
+        b"".join((_LUA / f"{part}.lua").read_bytes() + b"\n" for part in uses)
+        + (_LUA / f"{name}.lua").read_bytes()
+    ).hexdigest()
+    for name, uses in (
+        ("acquire", ("payload",)),
+        ("commit", ()),
+        ("release", ()),
+        ("renew", ()),
+        ("step", ()),
+    )
 }
 
 

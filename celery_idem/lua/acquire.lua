@@ -37,20 +37,7 @@
 --   {1, token, state, result, ctype, cenc}         FINISHED: state 'done' or 'failed'
 --   {2, holder, ms_left, token}                    BUSY: a live run holds the lease
 --   {3, payload}                                   MISMATCH: the record is for other arguments
--- Two calls' payload digests agree unless an argument both can compare differs (an
--- argument without a canonical encoding has a null digest and is not compared).
-local function same_payload(a, b)
-  if a == b then return true end
-  local x, y = cjson.decode(a), cjson.decode(b)
-  for name, digest in pairs(x) do
-    local other = y[name]
-    if digest ~= cjson.null and other ~= cjson.null and digest ~= other then return false end
-  end
-  for name, other in pairs(y) do
-    if x[name] == nil and other ~= cjson.null then return false end
-  end
-  return true
-end
+-- same_payload(a, b): from payload.lua, which the store puts before this script.
 
 local key, run, task = KEYS[1], ARGV[4], ARGV[5]
 local rec = redis.call('HMGET', key, 'state', 'token', 'holder', 'expires', 'result', 'ctype', 'cenc',
