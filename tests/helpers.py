@@ -85,7 +85,8 @@ class Worker:
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
-                self.kill()
+                self.kill()  # reaps the group and forgets the process
+                return
         self._reap_group()
         self.process = None
 
